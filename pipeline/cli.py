@@ -1,0 +1,327 @@
+"""The ``maskcontrast`` command line: a thin click layer over the runner and the store.
+
+Usage errors (bad config, unknown key, missing path) exit with code 2; a failing stage or store
+problem exits with 1, as one line unless ``--debug`` asks for the traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.configtypes import ConfigError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
+log = logging.getLogger("maskcontrast")
+
+
+class State:
+    """Global options, resolved lazily so ``--help`` and ``data make-demo`` need no config file."""
+
+    def __init__(self, config: str | None, overrides: tuple[str, ...], store: str | None, quiet: bool, debug: bool):
+        self.config_path, self.overrides, self.store_arg = config, overrides, store
+        self.quiet, self.debug = quiet, debug
+        self._cfg = None
+
+    @property
+    def config_source(self) -> str:
+        return self.config_path or "<defaults>"
+
+    def cfg(self):
+        if self._cfg is None:
+            from pipeline.config import DEFAULT_CONFIG, load_config
+
+            path = self.config_path
+            if path is None and Path(DEFAULT_CONFIG).is_file():
+                path = DEFAULT_CONFIG
+                self.config_path = path
+            self._cfg = load_config(path, self.overrides, store=self.store_arg)
+        return self._cfg
+
+    def context(self, *, need_data: bool = True, scheduler: str | None = None):
+        from artifacts.store import Store
+        from pipeline.config import check_paths
+        from pipeline.graph import Context
+        from pipeline.runner import code_version
+
+        cfg = self.cfg()
+        if scheduler is not None:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, dask=dataclasses.replace(cfg.dask, scheduler=scheduler))
+        check_paths(cfg, need_data=need_data, source=self.config_source)
+        return Context(cfg=cfg, store=Store(cfg.store), quiet=self.quiet, code_version=code_version(),
+                       config_source=self.config_source)
+
+
+def handle_errors(fn):
+    """Turn domain errors into one clear line with the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        state: State = click.get_current_context().find_object(State)
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except ConfigError as exc:
+            if state and state.debug:
+                raise
+            raise click.UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: partial work is kept; rerun the same command to continue", err=True)
+            sys.exit(130)
+        except Exception as exc:  # one line for the user, the traceback with --debug
+            if state and state.debug:
+                raise
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _version() -> str:
+    from pipeline.runner import code_version
+
+    return code_version()
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="pipeline configuration [default: ./pipeline.yaml if present, else built-in defaults]")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a config key (dotted, value parsed as YAML); repeatable")
+@click.option("--store", type=click.Path(file_okay=False), default=None, help="artifact store (overrides `store:`)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars, warnings and errors only")
+@click.option("--debug", is_flag=True, help="full tracebacks and debug logging")
+@click.version_option(version=None, package_name="maskcontrast-pipeline", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx, config, overrides, store, quiet, debug):
+    """MaskContrast as a pipeline of versioned, resumable stages.
+
+    \b
+    dataset -> masks -> train -> extract -> evaluate
+    Each stage writes <store>/<stage>/<version>/ with a manifest.json; a complete
+    version is skipped, a partial one continued, a changed config makes a new one.
+    """
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("distributed", "asyncio", "PIL", "matplotlib", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if debug else logging.ERROR)
+    ctx.obj = State(config, overrides, store, quiet, debug)
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def _print_results(results, quiet: bool) -> None:
+    for r in results:
+        tail = f"{r.seconds:7.1f}s" if r.action != "skipped" else "       "
+        click.echo(f"{r.name:9s} {r.version}  {r.action:8s} {tail}  {r.path}")
+        if r.summary and not quiet:
+            figures = {k: v for k, v in r.summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+            if figures:
+                click.echo("          " + ", ".join(f"{k}={_fmt(v)}" for k, v in list(figures.items())[:8]))
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _stage_choice():
+    from pipeline.graph import ORDER
+
+    return click.Choice(ORDER)
+
+
+@cli.command()
+@click.option("--from", "start", type=_stage_choice(), default=None, help="first stage to run")
+@click.option("--to", "stop", type=_stage_choice(), default=None, help="last stage to run")
+@click.option("--force", is_flag=True, help="recompute the selected stages from scratch (and break foreign locks)")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask scheduler (tcp://host:port) for fan-out; 'synchronous' runs in-process")
+@pass_state
+@handle_errors
+def run(state: State, start, stop, force, scheduler):
+    """Run the pipeline: every available stage, in order, skipping what is complete."""
+    from pipeline.graph import available
+    from pipeline.runner import run_stages, select
+
+    names = select(available(), start, stop)
+    if not names:
+        raise click.UsageError(f"no available stage between --from {start} and --to {stop} "
+                               f"(available: {', '.join(available())})")
+    ctx = state.context(scheduler=scheduler)
+    try:
+        results = run_stages(ctx, names, force_stages=names if force else ())
+    finally:
+        ctx.close()
+    _print_results(results, state.quiet)
+    last = results[-1]
+    click.echo(f"done: {last.name} artifact at {last.path}")
+
+
+def _stage_command(name: str, help_text: str):
+    @click.option("--force", is_flag=True, help="recompute this stage from scratch (and break foreign locks)")
+    @click.option("--scheduler", default=None, metavar="ADDRESS",
+                  help="dask scheduler (tcp://host:port); 'synchronous' runs in-process")
+    @pass_state
+    @handle_errors
+    def command(state: State, force, scheduler):
+        from pipeline.runner import run_stages
+
+        ctx = state.context(scheduler=scheduler)
+        try:
+            results = run_stages(ctx, (name,), force_stages=(name,) if force else ())
+        finally:
+            ctx.close()
+        _print_results(results, state.quiet)
+
+    command.__doc__ = help_text + "\n\nRuns what it needs upstream first when that is missing."
+    return cli.command(name=name)(command)
+
+
+def _register_stage_commands() -> None:
+    from pipeline.graph import STAGES, available
+
+    for name in available():
+        _stage_command(name, STAGES[name].help)
+
+
+@cli.command()
+@pass_state
+@handle_errors
+def status(state: State):
+    """Each stage of the configured pipeline: version, state, progress and size."""
+    from pipeline.graph import available, plan
+    from pipeline.status import pipeline_status
+
+    ctx = state.context()
+    planned, problems = {}, {}
+    for name in available():
+        try:
+            planned.update(plan(ctx, (name,)))
+        except ConfigError as exc:
+            problems[name] = exc.detail
+    for line in pipeline_status(ctx, planned, problems):
+        click.echo(line)
+
+
+@cli.command(name="ls")
+@click.argument("stage", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_state
+@handle_errors
+def ls_(state: State, stage, as_json):
+    """Every version in the store (optionally of one stage)."""
+    from artifacts.store import Store
+    from pipeline.status import list_lines
+
+    cfg = state.cfg()
+    infos = Store(cfg.store).list(stage)
+    if as_json:
+        click.echo(json.dumps([{"ref": i.ref, "state": i.state, "path": str(i.path), "size": i.size_bytes,
+                                "created": (i.manifest or {}).get("created"),
+                                "summary": i.summary} for i in infos], indent=2))
+        return
+    if not infos:
+        click.echo(f"no artifacts in {cfg.store}")
+    for line in list_lines(infos):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--contact-sheet", "sheet", type=click.Path(dir_okay=False), default=None,
+              help="for a mask artifact: write a PNG of images with mask overlays here")
+@click.option("--n", "n_images", default=24, help="images on the contact sheet")
+@pass_state
+@handle_errors
+def inspect(state: State, path, sheet, n_images):
+    """Summarise an artifact directory or any HDF5 file: datasets, chunking, attrs, statistics."""
+    from pipeline.inspection import inspect_path, mask_contact_sheet
+
+    for line in inspect_path(Path(path)):
+        click.echo(line)
+    if sheet:
+        ctx = state.context()
+        out = mask_contact_sheet(Path(path), ctx.dataset, Path(sheet), n=n_images)
+        click.echo(f"contact sheet: {out}")
+
+
+@cli.command(name="config")
+@click.option("--defaults", is_flag=True, help="print the built-in defaults instead of the resolved config")
+@pass_state
+@handle_errors
+def config_(state: State, defaults):
+    """Print the resolved configuration (after the file and every --set)."""
+    import yaml
+
+    from pipeline.config import Config
+
+    cfg = Config() if defaults else state.cfg()
+    click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+
+
+@cli.group()
+def data():
+    """Dataset commands: make the demo dataset, describe and check a dataset."""
+
+
+@data.command(name="make-demo")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, help="random seed; the same seed writes identical files")
+@click.option("--n-train", default=240, help="training images")
+@click.option("--n-val", default=120, help="validation images")
+@click.option("--size", default=128, help="image side in pixels")
+@pass_state
+@handle_errors
+def make_demo_cmd(state: State, directory, seed, n_train, n_val, size):
+    """Write the embedded demo dataset (folder layout) to DIRECTORY."""
+    from stages.data.demo import make_demo
+
+    index = make_demo(Path(directory), n_train=n_train, n_val=n_val, size=size, seed=seed,
+                      progress=not state.quiet)
+    d = index.describe()
+    click.echo(f"demo dataset: {d['num_images']} images, {len(d['classes'])} classes, "
+               f"splits {d['splits']} in {directory}")
+
+
+@data.command(name="info")
+@pass_state
+@handle_errors
+def data_info(state: State):
+    """Describe the configured dataset: layout, classes, splits, labels."""
+    ctx = state.context()
+    click.echo(json.dumps(ctx.dataset.describe(), indent=2, default=str))
+
+
+@data.command(name="check")
+@click.option("--split", default=None, help="only this split [default: all images]")
+@pass_state
+@handle_errors
+def data_check(state: State, split):
+    """Decode every image and label of the dataset and report the files that cannot be used."""
+    from pipeline.status import check_dataset
+
+    ctx = state.context()
+    bad = check_dataset(ctx.dataset, split, progress=not state.quiet)
+    for path, reason in bad:
+        click.echo(f"{path}: {reason}")
+    click.echo(f"{len(bad)} unusable file(s)")
+    if bad:
+        sys.exit(1)
+
+
+_register_stage_commands()
+
+
+def main() -> None:  # console script entry point
+    cli(prog_name="maskcontrast")
+
+
+if __name__ == "__main__":
+    main()

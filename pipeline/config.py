@@ -1,0 +1,294 @@
+"""The pipeline configuration: ``pipeline.yaml`` -> validated, frozen dataclasses.
+
+Only this layer reads the file. Stages receive explicit parameter objects built from these
+sections, never the config itself. Relative paths in the file are resolved against the file's
+directory; relative paths given with ``--set`` against the current directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pipeline.configtypes import ConfigError, build, in_range, non_empty, opt, to_plain
+
+DEFAULT_CONFIG = "pipeline.yaml"
+VOC_SEEDS = (1234, 1235, 1236, 1237, 1238)
+
+
+def _split_name(v):
+    return "must be a split name or 'all'" if not v or "/" in v else None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: Path = opt(Path("demo-data"), doc="dataset root: a VOC2012 (or VOCdevkit) folder, or a folder with images/")
+    layout: Literal["auto", "voc", "folder"] = opt("auto", doc="dataset layout; auto detects JPEGImages/ vs images/")
+    train_split: str = opt("train", doc="split used for mask proposals, training and the linear probe", check=_split_name)
+    val_split: str = opt("val", doc="split used for K-means, retrieval queries and scores", check=_split_name)
+
+
+@dataclass(frozen=True)
+class PriorsConfig:
+    size: int = opt(256, doc="long side (px) the hand-crafted priors are computed at", check=in_range(32, 2048))
+    n_segments: int = opt(300, doc="SLIC superpixels per image", check=in_range(8))
+    compactness: float = opt(20.0, doc="SLIC compactness", check=in_range(0.0, lo_open=True))
+    weights: tuple[float, ...] = opt((1.0, 1.0, 1.0), doc="fusion weights of (rbd, mbd, contrast)",
+                                     check=lambda w: in_range(0.0)(w) or (None if len(w) == 3 and sum(w) > 0 else "needs 3 non-negative weights, not all zero"))
+
+
+@dataclass(frozen=True)
+class OnnxModelConfig:
+    input_size: int = opt(320, doc="square input size of the ONNX model", check=in_range(8))
+    mean: tuple[float, ...] = opt((0.485, 0.456, 0.406), doc="per-channel mean after scaling to [0,1]")
+    std: tuple[float, ...] = opt((0.229, 0.224, 0.225), doc="per-channel std", check=in_range(0.0, lo_open=True))
+    output_index: int = opt(0, doc="which model output is the saliency map", check=in_range(0))
+    minmax: bool = opt(True, doc="min-max normalise the model's map per image (the U2-Net authors do)")
+    threads: int = opt(1, doc="onnxruntime intra-op threads per worker", check=in_range(1), volatile=True)
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    backbone: Literal["resnet18", "resnet50", "mobilenet_v2"] = opt("mobilenet_v2", doc="saliency network encoder")
+    init: str = opt("random", doc="'random' or a checkpoint path for the encoder")
+    rounds: int = opt(3, doc="pseudo-label refinement rounds", check=in_range(1))
+    epochs_per_round: int = opt(5, doc="training epochs per round", check=in_range(1))
+    input_size: int = opt(224, doc="training/inference size", check=in_range(32))
+    batch_size: int = opt(16, check=in_range(1))
+    lr: float = opt(0.01, check=in_range(0.0, lo_open=True))
+    ema: float = opt(0.7, doc="moving-average weight of the previous pseudo-label in refinement", check=in_range(0.0, 1.0))
+    seed: int = opt(0)
+
+
+@dataclass(frozen=True)
+class MasksConfig:
+    method: Literal["priors", "bootstrap", "model", "import"] = opt("priors", doc="mask-proposal estimator")
+    split: str = opt("all", doc="images to compute masks for: a split name or 'all'", check=_split_name)
+    model_path: Optional[Path] = opt(None, doc="ONNX salient-object model (method: model)")
+    import_dir: Optional[Path] = opt(None, doc="folder of <id>.png masks, 0/255 (method: import)")
+    threshold: float = opt(0.5, doc="binarisation threshold of the [0,1] map", check=in_range(0.0, 1.0))
+    minmax: bool = opt(False, doc="min-max normalise each map before thresholding")
+    min_region: float = opt(0.01, doc="drop connected regions smaller than this share of the image", check=in_range(0.0, 1.0))
+    min_fg: float = opt(0.01, doc="drop the image when foreground is below this share", check=in_range(0.0, 1.0))
+    max_fg: float = opt(0.99, doc="drop the image when foreground is above this share", check=in_range(0.0, 1.0))
+    store_soft: bool = opt(True, doc="also store the soft map as uint8")
+    shard_size: int = opt(512, doc="images per HDF5 shard", check=in_range(1))
+    priors: PriorsConfig = opt(default_factory=PriorsConfig)
+    model: OnnxModelConfig = opt(default_factory=OnnxModelConfig)
+    bootstrap: BootstrapConfig = opt(default_factory=BootstrapConfig)
+
+    def __post_init__(self):
+        if self.min_fg >= self.max_fg:
+            raise ConfigError(f"min_fg ({self.min_fg}) must be below max_fg ({self.max_fg})", "min_fg")
+        if self.method == "model" and self.model_path is None:
+            raise ConfigError("masks.method is 'model' but no model file is given", "model_path")
+        if self.method == "import" and self.import_dir is None:
+            raise ConfigError("masks.method is 'import' but no folder is given", "import_dir")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: Literal["resnet50", "resnet18", "mobilenet_v2"] = opt("resnet50", doc="encoder")
+    output_stride: Literal[8, 16] = opt(8, doc="encoder output stride (dilated)")
+    init: str = opt("random", doc="'random' or a checkpoint path (MoCo v2 or torchvision state dict)")
+    init_kind: Literal["moco", "torchvision", "auto"] = opt("auto", doc="checkpoint key layout")
+    freeze_early: bool = opt(False, doc="freeze the first blocks (the reference does for ImageNet-supervised init)")
+    epochs: int = opt(40, doc="0 = no training: the artifact holds the initialisation alone", check=in_range(0))
+    batch_size: int = opt(64, doc="global batch size", check=in_range(1))
+    queue_size: int = opt(128, doc="prototype queue K (a multiple of the global batch)", check=in_range(0))
+    temperature: float = opt(0.5, check=in_range(0.0, lo_open=True))
+    key_momentum: float = opt(0.999, check=in_range(0.0, 1.0))
+    lr: float = opt(0.004, check=in_range(0.0, lo_open=True))
+    momentum: float = opt(0.9, check=in_range(0.0, 1.0))
+    weight_decay: float = opt(1e-4, check=in_range(0.0))
+    crop_size: int = opt(224, check=in_range(16))
+    embedding_dim: int = opt(32, check=in_range(1))
+    seed: int = opt(0, doc="seed for Python, numpy and torch (recorded in the manifest)")
+    amp: Literal["auto", "off", "bf16", "fp16"] = opt("auto", doc="mixed precision on GPU")
+    keep_last: int = opt(2, doc="epoch checkpoints kept besides the final one", check=in_range(1))
+    num_workers: int = opt(2, doc="data-loader worker processes", check=in_range(0), volatile=True)
+    device: str = opt("auto", doc="'auto', 'cpu', 'cuda' or 'cuda:N'", volatile=True)
+
+    def __post_init__(self):
+        if self.queue_size % self.batch_size:
+            raise ConfigError(f"queue_size ({self.queue_size}) must be a multiple of batch_size ({self.batch_size})",
+                              "queue_size")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    input_size: int = opt(512, doc="inference size (square, aspect not kept, as the reference)", check=in_range(32))
+    mask_source: Literal["model", "masks"] = opt("model", doc="salient region from the saliency head or the mask shards")
+    features: bool = opt(True, doc="store the 256-d decoder features (float16) for the linear probe")
+    feature_size: int = opt(64, doc="side of the stored feature grid", check=in_range(4))
+    batch_size: int = opt(8, check=in_range(1), volatile=True)
+    device: str = opt("auto", volatile=True)
+
+
+@dataclass(frozen=True)
+class KMeansConfig:
+    n_clusters: Optional[int] = opt(None, doc="default: number of foreground classes", check=in_range(1))
+    pca_dim: int = opt(32, check=in_range(1))
+    n_init: int = opt(3, check=in_range(1))
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    epochs: int = opt(60, check=in_range(1))
+    lr: float = opt(0.1, check=in_range(0.0, lo_open=True))
+    lr_drop_epoch: int = opt(25, check=in_range(0))
+    momentum: float = opt(0.9, check=in_range(0.0, 1.0))
+    weight_decay: float = opt(1e-4, check=in_range(0.0))
+    batch_size: int = opt(16, check=in_range(1))
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    class_subset: Optional[tuple[str, ...]] = opt(None, doc="extra mIoU on these classes only (others ignored)")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    protocols: tuple[Literal["kmeans", "linear", "retrieval", "saliency"], ...] = opt(
+        ("kmeans", "linear", "retrieval"), doc="evaluation protocols to run", check=non_empty)
+    seeds: tuple[int, ...] = opt(VOC_SEEDS, doc="seeds of the K-means and linear protocols", check=non_empty)
+    crf: bool = opt(False, doc="dense-CRF post-processing of predictions")
+    kmeans: KMeansConfig = opt(default_factory=KMeansConfig)
+    linear: LinearConfig = opt(default_factory=LinearConfig)
+    retrieval: RetrievalConfig = opt(default_factory=RetrievalConfig)
+
+
+@dataclass(frozen=True)
+class DaskConfig:
+    scheduler: Optional[str] = opt(None, doc="tcp://host:port of a dask scheduler; null = a local cluster", volatile=True)
+    n_workers: int = opt(0, doc="local cluster workers; 0 = one per core", check=in_range(0), volatile=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    store: Path = opt(Path("store"), doc="artifact store directory")
+    data: DataConfig = opt(default_factory=DataConfig)
+    masks: MasksConfig = opt(default_factory=MasksConfig)
+    train: TrainConfig = opt(default_factory=TrainConfig)
+    extract: ExtractConfig = opt(default_factory=ExtractConfig)
+    evaluate: EvaluateConfig = opt(default_factory=EvaluateConfig)
+    dask: DaskConfig = opt(default_factory=DaskConfig)
+
+    def to_dict(self, drop_volatile: bool = False) -> dict[str, Any]:
+        return to_plain(self, drop_volatile=drop_volatile)
+
+    def section(self, name: str, drop_volatile: bool = True) -> dict[str, Any]:
+        return to_plain(getattr(self, name), drop_volatile=drop_volatile)
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=5"`` -> ``("train.epochs", 5)``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value {raw!r}: {exc}", key, "--set") from None
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section", key, source)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _resolve_relative(cls: type, data: Any, base: Path) -> Any:
+    """Make relative paths in ``data`` absolute against ``base`` (typed by the dataclass fields)."""
+    if not isinstance(data, dict):
+        return data
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        if f.name not in out:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out[f.name] = _resolve_relative(tp, out[f.name], base)
+        elif _is_path_type(tp) and isinstance(out[f.name], str) and out[f.name]:
+            p = Path(out[f.name]).expanduser()
+            out[f.name] = str(p if p.is_absolute() else base / p)
+        elif f.name == "init" and isinstance(out[f.name], str) and out[f.name] not in ("random", ""):
+            p = Path(out[f.name]).expanduser()
+            out[f.name] = str(p if p.is_absolute() else base / p)
+    return out
+
+
+def _is_path_type(tp: Any) -> bool:
+    return tp is Path or (Path in getattr(tp, "__args__", ()))
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = (),
+                store: str | os.PathLike[str] | None = None) -> Config:
+    """Read ``path`` (if it exists; None means defaults), apply ``--set`` overrides, validate everything."""
+    source = str(path) if path is not None else "<defaults>"
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            with open(p, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {exc}", None, source) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("the top level must be a mapping of sections", None, source)
+        data = _resolve_relative(Config, loaded or {}, p.resolve().parent)
+    cwd = Path.cwd()
+    for text in overrides:
+        key, value = parse_override(text)
+        patch: dict = {}
+        _set_dotted(patch, key, value, "--set")
+        patch = _resolve_relative(Config, patch, cwd)
+        _merge(data, patch)
+        source = f"{source} (with --set {', '.join(overrides)})"
+    if store is not None:
+        data["store"] = str(Path(store).expanduser().resolve())
+    return build(Config, data, "", source, base)
+
+
+def _merge(into: dict, patch: dict) -> None:
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def check_paths(cfg: Config, *, need_data: bool = True, source: str | None = None) -> None:
+    """Reject missing input paths before any work starts (the stages would only fail later)."""
+    if need_data and not cfg.data.root.exists():
+        raise ConfigError(f"dataset folder does not exist: {cfg.data.root}", "data.root", source)
+    m = cfg.masks
+    if m.method == "model" and m.model_path is not None and not m.model_path.is_file():
+        raise ConfigError(f"model file does not exist: {m.model_path}", "masks.model_path", source)
+    if m.method == "import" and m.import_dir is not None and not m.import_dir.is_dir():
+        raise ConfigError(f"mask folder does not exist: {m.import_dir}", "masks.import_dir", source)
+    if cfg.train.init != "random" and not Path(cfg.train.init).is_file():
+        raise ConfigError(f"expected 'random' or an existing checkpoint file, got {cfg.train.init}", "train.init", source)
+    b = cfg.masks.bootstrap
+    if m.method == "bootstrap" and b.init != "random" and not Path(b.init).is_file():
+        raise ConfigError(f"expected 'random' or an existing checkpoint file, got {b.init}", "masks.bootstrap.init", source)

@@ -1,0 +1,43 @@
+"""dask.distributed set-up: a local cluster by default, an existing scheduler when given an address.
+
+``scheduler: synchronous`` runs fan-out work in this process without dask (debugging, profiling).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+SYNCHRONOUS = "synchronous"
+
+
+def make_client(scheduler: str | None, n_workers: int = 0, *, quiet: bool = False):
+    """Return a ``distributed.Client``, or None for in-process execution."""
+    if scheduler == SYNCHRONOUS:
+        return None
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise RuntimeError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
+    workers = n_workers or max(1, os.cpu_count() or 1)
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        # one BLAS/OpenMP thread per worker process: the parallelism is across workers
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+    )
+    return Client(cluster)
+
+
+def close_client(client) -> None:
+    if client is None:
+        return
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()

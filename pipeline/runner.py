@@ -1,0 +1,97 @@
+"""Run planned stages against the store: skip what is complete, continue what is partial.
+
+``--force`` recomputes a stage from scratch (its version directory is cleared first; the version
+name is unchanged because the inputs and parameters are) and breaks a lock left by a process on
+another host. A lock left by a dead process on this host is broken without asking, so rerunning
+after a crash or a kill simply continues.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from artifacts.store import COMPLETE, Store
+from pipeline.graph import ORDER, Context, Planned, plan
+
+log = logging.getLogger("maskcontrast")
+
+
+class StageFailed(RuntimeError):
+    """A stage raised; the message names the stage, its directory and the cause."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    version: str
+    path: Path
+    action: str  # skipped | ran | resumed
+    seconds: float
+    summary: Mapping[str, Any]
+
+
+def code_version() -> str:
+    """``git describe`` of the source tree when it is a checkout, else the package version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=root, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        if out:
+            return f"git:{out}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"pkg:{metadata.version('maskcontrast-pipeline')}"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def select(names: tuple[str, ...], start: str | None, stop: str | None) -> tuple[str, ...]:
+    idx = {n: i for i, n in enumerate(ORDER)}
+    lo = idx[start] if start else 0
+    hi = idx[stop] if stop else len(ORDER) - 1
+    return tuple(n for n in names if lo <= idx[n] <= hi)
+
+
+def run_stages(ctx: Context, targets: tuple[str, ...], *, force_stages: tuple[str, ...] = ()) -> list[StageResult]:
+    """Run ``targets`` (and, when missing, what they need) in pipeline order."""
+    planned = plan(ctx, targets)
+    results = []
+    for name, p in planned.items():
+        results.append(run_one(ctx, p, force=name in force_stages))
+    return results
+
+
+def run_one(ctx: Context, p: Planned, *, force: bool = False) -> StageResult:
+    store: Store = ctx.store
+    info = store.info(p.name, p.version)
+    if info.state == COMPLETE and not force:
+        log.info("%s %s: complete, skipped", p.name, p.version)
+        return StageResult(p.name, p.version, info.path, "skipped", 0.0, info.summary)
+    inputs = {up: _input(ctx, ref) for up, ref in p.spec.inputs.items()}
+    t0 = time.perf_counter()
+    extra = {"config": ctx.cfg.to_dict(), "config_source": ctx.config_source}
+    try:
+        with store.begin(p.spec, code_version=ctx.code_version, extra=extra, break_lock=force,
+                         restart=force) as writer:
+            action = "resumed" if writer.resumed else "ran"
+            log.info("%s %s: %s in %s", p.name, p.version, "continuing" if writer.resumed else "starting", writer.path)
+            summary = p.definition.run(ctx, writer, inputs)
+            writer.complete(summary)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise StageFailed(f"stage {p.name} failed ({store.path(p.name, p.version)}): {exc}") from exc
+    return StageResult(p.name, p.version, writer.path, action, time.perf_counter() - t0, summary)
+
+
+def _input(ctx: Context, ref: str):
+    info = ctx.store.open(ref)  # raises StoreError when the upstream is not complete
+    return info

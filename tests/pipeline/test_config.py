@@ -1,0 +1,118 @@
+"""Configuration: every bad value is rejected before any work, naming the key and the file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, check_paths, load_config, parse_override
+from pipeline.configtypes import ConfigError, field_docs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_repository_pipeline_yaml_is_valid():
+    cfg = load_config(REPO / "pipeline.yaml")
+    assert cfg.masks.method == "priors"
+    assert cfg.data.root == REPO / "demo-data"  # relative to the file's directory
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.train.temperature == 0.5 and cfg.evaluate.seeds == (1234, 1235, 1236, 1237, 1238)
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ("masks:\n  methd: priors\n", "masks.methd", "unknown key"),
+    ("trian:\n  epochs: 3\n", "trian", "unknown key"),
+    ("train:\n  epochs: -1\n", "train.epochs", "must be >= 0"),
+    ("train:\n  epochs: three\n", "train.epochs", "expected an integer"),
+    ("train:\n  epochs: 2.5\n", "train.epochs", "expected an integer"),
+    ("masks:\n  threshold: 1.5\n", "masks.threshold", "must be <= 1"),
+    ("masks:\n  method: magic\n", "masks.method", "expected one of"),
+    ("masks:\n  store_soft: 'yes'\n", "masks.store_soft", "expected true or false"),
+    ("masks:\n  min_fg: 0.5\n  max_fg: 0.4\n", "masks.min_fg", "must be below max_fg"),
+    ("masks:\n  method: model\n", "masks.model_path", "no model file"),
+    ("train:\n  batch_size: 64\n  queue_size: 100\n", "train.queue_size", "multiple of batch_size"),
+    ("evaluate:\n  protocols: [kmeans, knn]\n", "evaluate.protocols[1]", "expected one of"),
+    ("evaluate:\n  protocols: []\n", "evaluate.protocols", "must not be empty"),
+    ("evaluate:\n  seeds: 3\n", "evaluate.seeds", "expected list"),
+    ("data: [1, 2]\n", "data", "expected a mapping"),
+    ("- a\n- b\n", None, "top level must be a mapping"),
+    ("masks: {priors: {weights: [0, 0, 0]}}\n", "masks.priors.weights", "not all zero"),
+])
+def test_bad_values_name_key_and_file(tmp_path, text, key, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert info.value.key == key
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "data: [unclosed\n"))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/pipeline.yaml")
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.epochs=5", "evaluate.protocols=[saliency]", "masks.threshold=0.4"])
+    assert cfg.train.epochs == 5 and cfg.evaluate.protocols == ("saliency",) and cfg.masks.threshold == 0.4
+    with pytest.raises(ConfigError, match="train.epochs: must be >= 0") as info:
+        load_config(path, ["train.epochs=-2"])
+    assert "--set" in str(info.value)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(path, ["train.epoch=2"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.epochs")
+
+
+def test_relative_paths(tmp_path, monkeypatch):
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    path = write(sub, "data:\n  root: ../data\nstore: s\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path)
+    assert cfg.data.root == sub / "../data" and cfg.store == sub / "s"
+    cfg = load_config(path, ["data.root=elsewhere"])
+    assert cfg.data.root == tmp_path / "elsewhere"  # --set paths are relative to the cwd
+
+
+def test_check_paths(tmp_path):
+    cfg = load_config(write(tmp_path, f"data:\n  root: {tmp_path / 'nope'}\n"))
+    with pytest.raises(ConfigError, match="data.root: dataset folder does not exist"):
+        check_paths(cfg)
+    (tmp_path / "d").mkdir()
+    cfg = load_config(write(tmp_path, "data:\n  root: d\ntrain:\n  init: missing.pth\n"))
+    with pytest.raises(ConfigError, match="train.init: expected 'random' or an existing checkpoint"):
+        check_paths(cfg)
+    cfg = load_config(write(tmp_path, "data:\n  root: d\nmasks:\n  method: model\n  model_path: m.onnx\n"))
+    with pytest.raises(ConfigError, match="masks.model_path: model file does not exist"):
+        check_paths(cfg)
+
+
+def test_volatile_keys_stay_out_of_sections():
+    cfg = Config()
+    assert "num_workers" not in cfg.section("train")
+    assert "num_workers" in cfg.section("train", drop_volatile=False)
+
+
+def test_every_key_is_documented():
+    rows = field_docs(Config)
+    keys = {r[0] for r in rows}
+    for contract in ["data.root", "data.layout", "data.train_split", "data.val_split", "masks.method",
+                     "masks.model_path", "train.backbone", "train.init", "train.init_kind", "train.epochs",
+                     "train.batch_size", "train.seed", "evaluate.protocols", "evaluate.seeds"]:
+        assert contract in keys
