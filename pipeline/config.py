@@ -281,7 +281,8 @@ def _merge(into: dict, patch: dict) -> None:
 def check_paths(cfg: Config, *, need_data: bool = True, source: str | None = None) -> None:
     """Reject missing input paths before any work starts (the stages would only fail later)."""
     if need_data and not cfg.data.root.exists():
-        raise ConfigError(f"dataset folder does not exist: {cfg.data.root}", "data.root", source)
+        raise ConfigError(f"dataset folder does not exist: {cfg.data.root} (the demo dataset is made with "
+                          f"`maskcontrast data make-demo DIR`)", "data.root", source)
     m = cfg.masks
     if m.method == "model" and m.model_path is not None and not m.model_path.is_file():
         raise ConfigError(f"model file does not exist: {m.model_path}", "masks.model_path", source)

@@ -31,13 +31,31 @@ def make_client(scheduler: str | None, n_workers: int = 0, *, quiet: bool = Fals
         # one BLAS/OpenMP thread per worker process: the parallelism is across workers
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
     )
+    _quiet_loggers(logging.ERROR)
     return Client(cluster)
 
 
+def _quiet_loggers(level: int) -> dict[str, int]:
+    names = ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
+             "distributed.core", "distributed.batched", "tornado", "asyncio")
+    old = {}
+    for name in names:
+        logger = logging.getLogger(name)
+        old[name] = logger.level
+        logger.setLevel(level)
+    return old
+
+
 def close_client(client) -> None:
+    """Close the client and, for a local cluster, its workers, without shutdown chatter."""
     if client is None:
         return
-    cluster = getattr(client, "cluster", None)
-    client.close()
-    if cluster is not None:
-        cluster.close()
+    old = _quiet_loggers(logging.CRITICAL)
+    try:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    finally:
+        for name, level in old.items():
+            logging.getLogger(name).setLevel(level)

@@ -137,6 +137,7 @@ def compute_masks(
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(samples, shard_size)
     missing = [i for i in range(len(shards)) if not (out_dir / shard_name(i)).exists()]
     skipped = _load_skipped(out_dir)
