@@ -109,7 +109,7 @@ def cli(ctx, config, overrides, store, quiet, debug):
     """
     level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("distributed", "asyncio", "PIL", "matplotlib", "h5py"):
+    for noisy in ("distributed", "asyncio", "PIL", "matplotlib", "h5py", "faiss", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING if debug else logging.ERROR)
     ctx.obj = State(config, overrides, store, quiet, debug)
 
@@ -146,22 +146,42 @@ def _stage_choice():
 @pass_state
 @handle_errors
 def run(state: State, start, stop, force, scheduler):
-    """Run the pipeline: every available stage, in order, skipping what is complete."""
-    from pipeline.graph import available
-    from pipeline.runner import run_stages, select
+    """Run the pipeline up to --to (default: the last stage), with everything it needs, in order.
 
-    names = select(available(), start, stop)
-    if not names:
-        raise click.UsageError(f"no available stage between --from {start} and --to {stop} "
-                               f"(available: {', '.join(available())})")
+    Complete stages are skipped, partial ones continued; stages before --from are only read.
+    """
+    from pipeline.graph import ORDER, available, plan
+    from pipeline.runner import run_one
+
+    target = stop or available()[-1]
     ctx = state.context(scheduler=scheduler)
     try:
-        results = run_stages(ctx, names, force_stages=names if force else ())
+        planned = plan(ctx, (target,))
+        lo = ORDER.index(start) if start else 0
+        results = []
+        for name, p in planned.items():
+            if ORDER.index(name) < lo:
+                continue
+            results.append(run_one(ctx, p, force=force))
     finally:
         ctx.close()
+    if not results:
+        raise click.UsageError(f"nothing to run between --from {start} and --to {target}")
     _print_results(results, state.quiet)
     last = results[-1]
     click.echo(f"done: {last.name} artifact at {last.path}")
+    _print_headline(last)
+
+
+def _print_headline(result) -> None:
+    """The evaluation report's headline figures, so a run ends with its result."""
+    if result.name != "evaluate":
+        return
+    report = result.path / "report.md"
+    figures = ", ".join(f"{k} {v}" for k, v in result.summary.items())
+    click.echo(f"report: {report}")
+    if figures:
+        click.echo(f"headline: {figures}")
 
 
 def _stage_command(name: str, help_text: str):

@@ -122,18 +122,27 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ExtractConfig:
     input_size: int = opt(512, doc="inference size (square, aspect not kept, as the reference)", check=in_range(32))
+    interpolation: Literal["bicubic", "bilinear"] = opt("bicubic", doc="image resize to the inference size")
     mask_source: Literal["model", "masks"] = opt("model", doc="salient region from the saliency head or the mask shards")
+    embedding: Literal["head", "backbone"] = opt(
+        "head", doc="prototype from the 32-d embedding head, or from the backbone's last features (baselines)")
     features: bool = opt(True, doc="store the 256-d decoder features (float16) for the linear probe")
-    feature_size: int = opt(64, doc="side of the stored feature grid", check=in_range(4))
+    feature_size: int = opt(32, doc="side of the stored feature grid", check=in_range(4))
+    shard_size: int = opt(256, doc="images per embedding shard", check=in_range(1))
     batch_size: int = opt(8, check=in_range(1), volatile=True)
+    num_workers: int = opt(2, doc="decode/resize worker processes", check=in_range(0), volatile=True)
     device: str = opt("auto", volatile=True)
 
 
 @dataclass(frozen=True)
 class KMeansConfig:
     n_clusters: Optional[int] = opt(None, doc="default: number of foreground classes", check=in_range(1))
-    pca_dim: int = opt(32, check=in_range(1))
-    n_init: int = opt(3, check=in_range(1))
+    pca_dim: int = opt(32, doc="PCA-whitening dimension of the prototypes", check=in_range(1))
+    n_init: int = opt(3, doc="k-means++ restarts per seed (lowest inertia kept)", check=in_range(1))
+    pixel: bool = opt(False, doc="also run pixel-level K-means on the stored features (plain backbones)")
+    pixel_matching: Literal["hungarian", "majority"] = opt("hungarian", doc="matching of the pixel variant")
+    pixel_clusters: Optional[int] = opt(None, doc="pixel variant k (over-clustering); default: number of classes",
+                                        check=in_range(1))
 
 
 @dataclass(frozen=True)
@@ -156,7 +165,6 @@ class EvaluateConfig:
     protocols: tuple[Literal["kmeans", "linear", "retrieval", "saliency"], ...] = opt(
         ("kmeans", "linear", "retrieval"), doc="evaluation protocols to run", check=non_empty)
     seeds: tuple[int, ...] = opt(VOC_SEEDS, doc="seeds of the K-means and linear protocols", check=non_empty)
-    crf: bool = opt(False, doc="dense-CRF post-processing of predictions")
     kmeans: KMeansConfig = opt(default_factory=KMeansConfig)
     linear: LinearConfig = opt(default_factory=LinearConfig)
     retrieval: RetrievalConfig = opt(default_factory=RetrievalConfig)

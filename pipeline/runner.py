@@ -8,6 +8,7 @@ after a crash or a kill simply continues.
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -53,13 +54,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def select(names: tuple[str, ...], start: str | None, stop: str | None) -> tuple[str, ...]:
-    idx = {n: i for i, n in enumerate(ORDER)}
-    lo = idx[start] if start else 0
-    hi = idx[stop] if stop else len(ORDER) - 1
-    return tuple(n for n in names if lo <= idx[n] <= hi)
-
-
 def run_stages(ctx: Context, targets: tuple[str, ...], *, force_stages: tuple[str, ...] = ()) -> list[StageResult]:
     """Run ``targets`` (and, when missing, what they need) in pipeline order."""
     planned = plan(ctx, targets)
@@ -69,13 +63,46 @@ def run_stages(ctx: Context, targets: tuple[str, ...], *, force_stages: tuple[st
     return results
 
 
+def _rank() -> tuple[int, int]:
+    """(rank, world size) under torchrun / SLURM; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    return rank, world
+
+
+class FollowerWriter:
+    """What a non-zero torchrun rank gets instead of an ArtifactWriter: the path, and no writes.
+
+    Rank 0 holds the lock and owns the manifest; the stage function itself writes files on
+    rank 0 only, so the other ranks just take part in the computation.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.resumed = False
+
+    def set_progress(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update(self, **fields: Any) -> None:
+        pass
+
+
 def run_one(ctx: Context, p: Planned, *, force: bool = False) -> StageResult:
     store: Store = ctx.store
     info = store.info(p.name, p.version)
     if info.state == COMPLETE and not force:
         log.info("%s %s: complete, skipped", p.name, p.version)
         return StageResult(p.name, p.version, info.path, "skipped", 0.0, info.summary)
+    rank, world = _rank()
+    if world > 1:
+        return _run_distributed(ctx, p, rank)
     inputs = {up: _input(ctx, ref) for up, ref in p.spec.inputs.items()}
+    return _run_writer(ctx, p, inputs, force=force)
+
+
+def _run_writer(ctx: Context, p: Planned, inputs: Mapping[str, Any], *, force: bool) -> StageResult:
+    store: Store = ctx.store
     t0 = time.perf_counter()
     extra = {"config": ctx.cfg.to_dict(), "config_source": ctx.config_source}
     try:
@@ -90,6 +117,22 @@ def run_one(ctx: Context, p: Planned, *, force: bool = False) -> StageResult:
     except Exception as exc:
         raise StageFailed(f"stage {p.name} failed ({store.path(p.name, p.version)}): {exc}") from exc
     return StageResult(p.name, p.version, writer.path, action, time.perf_counter() - t0, summary)
+
+
+def _run_distributed(ctx: Context, p: Planned, rank: int) -> StageResult:
+    """Under torchrun every rank runs the stage; only rank 0 locks and writes the manifest."""
+    try:
+        inputs = {up: _input(ctx, ref) for up, ref in p.spec.inputs.items()}
+    except Exception as exc:
+        raise StageFailed(f"stage {p.name} under torchrun needs its inputs complete first "
+                          f"(run `maskcontrast run --to {ORDER[ORDER.index(p.name) - 1]}` without torchrun): {exc}"
+                          ) from exc
+    if rank == 0:
+        return _run_writer(ctx, p, inputs, force=False)
+    t0 = time.perf_counter()
+    path = ctx.store.path(p.name, p.version)
+    summary = p.definition.run(ctx, FollowerWriter(path), inputs)
+    return StageResult(p.name, p.version, path, "ran", time.perf_counter() - t0, summary)
 
 
 def _input(ctx: Context, ref: str):

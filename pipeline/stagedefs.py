@@ -6,6 +6,7 @@ the config section into the stage's explicit parameter objects.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from artifacts.atomic import sha256_file
@@ -58,11 +59,24 @@ def _prior_params(cfg: Config):
     return PriorParams(size=p.size, n_segments=p.n_segments, compactness=p.compactness, weights=tuple(p.weights))
 
 
-def make_estimator(cfg: Config):
-    """The configured per-image estimator (picklable, so dask can ship it)."""
+def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, progress: bool = True):
+    """The configured per-image estimator (picklable, so dask can ship it).
+
+    ``bootstrap`` first fits its saliency network on the priors maps of ``samples`` inside
+    ``work_dir`` (resumable round by round), then infers with it like any other estimator.
+    """
     from stages.masks import stage
 
     m = cfg.masks
+    if m.method == "bootstrap":
+        import dataclasses
+
+        from stages.masks.bootstrap import BootstrapEstimator, BootstrapParams, fit_bootstrap
+
+        known = {f.name for f in dataclasses.fields(BootstrapParams)}
+        bp = BootstrapParams(**{k: v for k, v in ctx_section(cfg, "bootstrap").items() if k in known})
+        checkpoint = fit_bootstrap(list(samples), _prior_params(cfg), bp, work_dir, progress=progress)
+        return BootstrapEstimator(checkpoint)
     if m.method == "priors":
         return stage.PriorsEstimator(_prior_params(cfg))
     if m.method == "model":
@@ -74,7 +88,12 @@ def make_estimator(cfg: Config):
         return stage.OnnxEstimator(m.model_path, params, threads=mc.threads)
     if m.method == "import":
         return stage.ImportEstimator(m.import_dir)
-    raise NotImplementedError(f"masks.method {m.method!r} is not available in this version")
+    raise ValueError(f"unknown masks.method {m.method!r}")
+
+
+def ctx_section(cfg: Config, name: str) -> dict[str, Any]:
+    """A masks sub-section as plain data, volatile keys included (they only change speed)."""
+    return cfg.section("masks", drop_volatile=False)[name]
 
 
 def _run_masks(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -82,7 +101,7 @@ def _run_masks(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) 
 
     cfg = ctx.cfg
     samples = ctx.dataset.samples(_masks_split(cfg))
-    estimator = make_estimator(cfg)
+    estimator = make_estimator(cfg, writer.path / "bootstrap", samples, progress=not ctx.quiet)
     attrs = {**estimator.describe(), "dataset_layout": ctx.dataset.layout}
     client = ctx.dask_client()
     summary = compute_masks(
@@ -117,6 +136,114 @@ register(StageDef(
 
 
 
+# -- train -------------------------------------------------------------------------------------------------
+def _train_params(ctx: Context) -> Mapping[str, Any]:
+    params = dict(ctx.cfg.section("train"))
+    if params["init"] != "random":  # the file's content, not its path, determines the result
+        params["init"] = {"file": Path(params["init"]).name, "sha256": sha256_file(Path(params["init"]))}
+    params["data"] = ctx.data_identity(ctx.cfg.data.train_split)
+    return params
+
+
+def _run_train(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    from artifacts.masks import MaskStore
+    from stages.train import TrainParams, train
+
+    cfg = ctx.cfg
+    masks = inputs["masks"]
+    kept = set(MaskStore(masks.path).ids(kept_only=True))
+    split = ctx.dataset.samples(cfg.data.train_split)
+    samples = [s for s in split if s.id in kept]
+    if not samples:
+        raise ValueError(f"no image of split {cfg.data.train_split!r} has a kept mask in {masks.ref}")
+    params = TrainParams(**ctx.cfg.section("train", drop_volatile=False))
+    writer.update(train_images={"split": cfg.data.train_split, "n_split": len(split), "n_with_mask": len(samples)})
+    summary = train(params, samples, masks.path, writer.path, progress=not ctx.quiet,
+                    on_epoch=lambda epoch, record: writer.set_progress(epoch + 1, params.epochs, "epochs"))
+    return summary
+
+
+def _describe_train(manifest: Mapping[str, Any]) -> str:
+    s = manifest.get("summary") or {}
+    p = manifest.get("params") or {}
+    if not s:
+        return ""
+    loss = s.get("loss")
+    text = f"{p.get('backbone')}, {s.get('epochs')} epochs"
+    if isinstance(loss, (int, float)):
+        text += f", final loss {loss:.3f}"
+    return text
+
+
+register(StageDef(
+    name="train",
+    schema_version=1,
+    help="Contrastive embedding training on the mask shards (MaskContrast).",
+    needs=lambda cfg: ("masks",),
+    params=_train_params,
+    run=_run_train,
+    describe=_describe_train,
+))
+
+
+# -- extract -----------------------------------------------------------------------------------------------
+def _extract_splits(cfg: Config) -> tuple[str, ...]:
+    """val always; train too when a protocol needs a training set (linear probe, retrieval bank)."""
+    protocols = set(cfg.evaluate.protocols)
+    splits = [cfg.data.val_split]
+    if protocols & {"linear", "retrieval"} and cfg.data.train_split != cfg.data.val_split:
+        splits.append(cfg.data.train_split)
+    return tuple(splits)
+
+
+def _extract_params(ctx: Context) -> Mapping[str, Any]:
+    params = dict(ctx.cfg.section("extract"))
+    params["splits"] = {split: ctx.data_identity(split) for split in _extract_splits(ctx.cfg)}
+    return params
+
+
+def _run_extract(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    from stages.extract import ExtractParams, extract
+    from stages.train import load_model
+
+    cfg = ctx.cfg
+    e = cfg.extract
+    params = ExtractParams(input_size=e.input_size, interpolation=e.interpolation, mask_source=e.mask_source,
+                           embedding=e.embedding, features=e.features, feature_size=e.feature_size,
+                           batch_size=e.batch_size, num_workers=e.num_workers, device=e.device,
+                           shard_size=e.shard_size)
+    model, meta = load_model(inputs["train"].path)
+    mask_dir = inputs["masks"].path if "masks" in inputs else None
+    splits = _extract_splits(cfg)
+    summary: dict[str, Any] = {}
+    for i, split in enumerate(splits):
+        samples = ctx.dataset.samples(split)
+        s = extract(model, samples, writer.path / split, params, mask_dir=mask_dir,
+                    attrs={"train": inputs["train"].ref, "split": split}, progress=not ctx.quiet,
+                    on_shard=lambda done, total, i=i, split=split: writer.set_progress(
+                        done, total, "shards", split=split, split_index=i + 1, n_splits=len(splits)))
+        summary[split] = s
+    return {"splits": list(splits), **{f"{k}.n_images": v["n_images"] for k, v in summary.items()},
+            **{f"{k}.n_valid": v["n_valid"] for k, v in summary.items()},
+            "images_per_s": summary[splits[0]].get("images_per_s"), "details": summary}
+
+
+def _describe_extract(manifest: Mapping[str, Any]) -> str:
+    s = manifest.get("summary") or {}
+    return ", ".join(f"{split}: {s.get(f'{split}.n_images')} images" for split in s.get("splits", []))
+
+
+register(StageDef(
+    name="extract",
+    schema_version=1,
+    help="Embedding extraction: prototypes, salient masks and decoder features per image (HDF5).",
+    needs=lambda cfg: ("train", "masks") if cfg.extract.mask_source == "masks" else ("train",),
+    params=_extract_params,
+    run=_run_extract,
+    describe=_describe_extract,
+))
+
+
 # -- evaluate ----------------------------------------------------------------------------------------------
 def _evaluate_needs(cfg: Config) -> tuple[str, ...]:
     protocols = set(cfg.evaluate.protocols)
@@ -130,10 +257,18 @@ def _evaluate_needs(cfg: Config) -> tuple[str, ...]:
 
 def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
     cfg = ctx.cfg
+    section = ctx.cfg.section("evaluate")
     params: dict[str, Any] = {"protocols": sorted(cfg.evaluate.protocols)}
     if "saliency" in cfg.evaluate.protocols:
-        params["saliency"] = {"threshold": cfg.masks.threshold,
-                              "data": ctx.data_identity(_masks_split(cfg))}
+        params["saliency"] = {"threshold": cfg.masks.threshold, "data": ctx.data_identity(_masks_split(cfg))}
+    if "kmeans" in cfg.evaluate.protocols:
+        params["kmeans"] = {**section["kmeans"], "seeds": section["seeds"]}
+    if "linear" in cfg.evaluate.protocols:
+        params["linear"] = {**section["linear"], "seed": section["seeds"][0]}
+    if "retrieval" in cfg.evaluate.protocols:
+        params["retrieval"] = section["retrieval"]
+    if set(cfg.evaluate.protocols) - {"saliency"}:
+        params["labels"] = {s: ctx.data_identity(s) for s in _extract_splits(cfg)}
     return params
 
 
@@ -141,27 +276,78 @@ def _run_evaluate(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any
     from stages.evaluate.report import write_metrics, write_report
 
     cfg = ctx.cfg
+    ev = cfg.evaluate
+    ds = ctx.dataset
+    out = writer.path
     metrics: dict[str, dict[str, Any]] = {}
     images: dict[str, str] = {}
-    if "saliency" in cfg.evaluate.protocols:
-        from stages.evaluate.saliency import evaluate_saliency
+    protocols = list(ev.protocols)
+    for i, protocol in enumerate(protocols):
+        writer.set_progress(i, len(protocols), "protocols", current=protocol)
+        if protocol == "saliency":
+            from stages.evaluate.saliency import evaluate_saliency
 
-        masks = inputs["masks"]
-        ids = ctx.dataset.ids(_masks_split(cfg))
-        metrics["saliency"] = evaluate_saliency(masks.path, ctx.dataset, ids, writer.path,
-                                                threshold=cfg.masks.threshold, progress=not ctx.quiet)
-        images.update({"saliency F-measure curve": "saliency_f_curve.png",
-                       "best and worst images by IoU": "saliency_sheet.png"})
-    write_metrics(writer.path, metrics)
-    context = {"dataset": f"{cfg.data.root} ({ctx.dataset.layout})",
+            ids = ds.ids(_masks_split(cfg))
+            metrics["saliency"] = evaluate_saliency(inputs["masks"].path, ds, ids, out,
+                                                    threshold=cfg.masks.threshold, progress=not ctx.quiet)
+            images.update({"saliency F-measure curve": "saliency_f_curve.png",
+                           "best and worst images by IoU": "saliency_sheet.png"})
+            continue
+        from stages.evaluate import protocols as P
+
+        emb = inputs["extract"].path
+        val, train = cfg.data.val_split, cfg.data.train_split
+        val_store, val_ids = emb / val, ds.ids(val)
+        _require_salient(val_store, protocol, inputs["extract"].ref)
+        common = dict(progress=not ctx.quiet)
+        if protocol == "kmeans":
+            k = ev.kmeans
+            m = P.run_kmeans(val_store, ds, val_ids, out, n_clusters=k.n_clusters, seeds=ev.seeds,
+                             pca_dim=k.pca_dim, n_init=k.n_init, split=val, cache_dir=out, **common)
+            metrics["kmeans"] = m
+            if k.pixel:
+                pm = P.run_pixel_kmeans(val_store, ds, val_ids, out / "pixel_kmeans", n_clusters=k.pixel_clusters,
+                                        seeds=ev.seeds, matching=k.pixel_matching, split=val, **common)
+                metrics["pixel_kmeans"] = pm
+        elif protocol == "retrieval":
+            m = P.run_retrieval(emb / train, val_store, ds, ds.ids(train), val_ids, out,
+                                class_subset=ev.retrieval.class_subset, train_split=train, val_split=val,
+                                cache_dir=out, **common)
+            metrics["retrieval"] = m
+        elif protocol == "linear":
+            lc = ev.linear
+            m = P.run_linear(emb / train, val_store, ds, ds.ids(train), val_ids, out, epochs=lc.epochs, lr=lc.lr,
+                             lr_drop_epoch=lc.lr_drop_epoch, momentum=lc.momentum, weight_decay=lc.weight_decay,
+                             batch_size=lc.batch_size, seed=ev.seeds[0], train_split=train, val_split=val, **common)
+            metrics["linear"] = m
+        for name in (protocol, "pixel_kmeans"):
+            for caption, file in (metrics.get(name, {}).pop("figures", None) or {}).items():
+                images[f"{name}: {caption}"] = file if name != "pixel_kmeans" else f"pixel_kmeans/{file}"
+    writer.set_progress(len(protocols), len(protocols), "protocols")
+    write_metrics(out, metrics)
+    context = {"dataset": f"{cfg.data.root} ({ds.layout})",
                **{f"input {k}": v.ref for k, v in inputs.items()}, "code": ctx.code_version}
-    write_report(writer.path, "MaskContrast evaluation report", metrics, context, images)
+    write_report(out, "MaskContrast evaluation report", metrics, context, images)
     summary: dict[str, Any] = {}
     for protocol, m in metrics.items():
         for key in ("miou", "miou_std", "iou", "max_f", "mean_f", "mae"):
-            if key in m:
+            if isinstance(m.get(key), (int, float)):
                 summary[f"{protocol}.{key}"] = round(float(m[key]), 4)
     return summary
+
+
+def _require_salient(store_dir: Path, protocol: str, ref: str) -> None:
+    """Prototype protocols need salient pixels; a model whose saliency head fires nowhere gives none."""
+    from artifacts.embeddings import EmbeddingStore
+    from stages.evaluate.saliency import ProtocolError
+
+    if protocol not in ("kmeans", "retrieval"):
+        return
+    _, _, valid = EmbeddingStore(store_dir).prototypes()
+    if not valid.any():
+        raise ProtocolError(
+            f"{protocol}: no image of {ref} has a salient pixel (saliency logit > 0.5), so there is no "
+            "prototype to cluster; train longer, or set extract.mask_source: masks to use the mask proposals")
 
 
 def _describe_evaluate(manifest: Mapping[str, Any]) -> str:
@@ -172,7 +358,7 @@ def _describe_evaluate(manifest: Mapping[str, Any]) -> str:
 register(StageDef(
     name="evaluate",
     schema_version=1,
-    help="Evaluation report: saliency scores of the masks (more protocols as later stages land).",
+    help="Evaluation report: K-means, linear-probe, retrieval and saliency protocols.",
     needs=_evaluate_needs,
     params=_evaluate_params,
     run=_run_evaluate,

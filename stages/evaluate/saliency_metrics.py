@@ -29,6 +29,8 @@ def _check(soft: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     gt = np.asarray(gt)
     if soft.ndim != 2 or soft.shape != gt.shape:
         raise ValueError(f"expected soft and gt of the same 2-D shape, got {soft.shape} and {gt.shape}")
+    if not np.isfinite(soft).all():
+        raise ValueError("soft map has NaN or infinite values")
     return np.clip(soft.astype(np.float32, copy=False), 0.0, 1.0), gt > 0.5
 
 

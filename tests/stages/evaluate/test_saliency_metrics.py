@@ -77,6 +77,8 @@ def test_gt_conventions_and_shape_check():
         assert saliency_scores(soft, gt)["iou"] == 1.0
     with pytest.raises(ValueError, match=r"same 2-D shape.*\(1, 2\).*\(2, 1\)"):
         saliency_scores(soft, np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        saliency_scores(np.array([[np.nan, 0.0]]), np.zeros((1, 2)))
 
 
 def test_f_measure_closed_form():

@@ -1,0 +1,281 @@
+"""Training data: two independently augmented views of one image and its mask, and the batches.
+
+Augmentation per view follows the reference (in its order): RandomResizedCrop (scale 0.2-1,
+ratio 3/4-4/3; bilinear for the image, nearest for the mask), ColorJitter(0.4, 0.4, 0.4, 0.1)
+with p 0.8 (the four adjustments in random order), RandomGrayscale p 0.2, a joint horizontal
+flip. No blur. ImageNet mean/std normalisation is left to the training loop
+(:func:`normalize_images`), so the loader ships uint8 (a quarter of the bytes) to the device.
+
+Randomness is a pure function of ``(seed, epoch, index, attempt)``: every draw comes from a numpy
+Generator seeded with those numbers, never from a global RNG. A batch is therefore the same
+whatever the number of loader workers or their scheduling, and a resumed run sees exactly the data
+an uninterrupted one would.
+
+A view pair is accepted when both crops' foreground fraction lies in the open interval
+(``min_fg``, ``max_fg``). Each image gets ``redraws`` draws (the reference: 3); after that, or at
+once when the whole mask is outside the interval (no crop could pass) or the image cannot be read,
+a replacement image is chosen, deterministically from the same numbers. The counts of failed draws,
+replaced images and unreadable images travel with each item, so the loop can log them.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from artifacts.masks import MaskStore
+from stages.data import BadInputError, Sample, load_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAT_NAMES = ("redraws", "replaced", "bad_images")  # order of the per-item stats vector
+MAX_CANDIDATES = 16  # images tried for one index before giving up
+
+# Stream tags: the first entropy word, so that the streams never coincide.
+_ORDER, _VIEWS, _REPLACE = 1, 2, 3
+
+
+def _rng(*words: int) -> np.random.Generator:
+    """A Generator seeded with the exact integers ``words`` (reduced to 64 bits)."""
+    return np.random.default_rng([int(w) & 0xFFFF_FFFF_FFFF_FFFF for w in words])
+
+
+def derive_seed(*words: int) -> int:
+    """A 63-bit seed (for torch / python RNGs) that is a pure function of ``words``."""
+    return int(np.random.SeedSequence([int(w) & 0xFFFF_FFFF_FFFF_FFFF for w in words])
+               .generate_state(1, np.uint64)[0]) >> 1
+
+
+class TrainDataError(ValueError):
+    """The training data cannot yield a batch: unusable images or masks, with the ids named."""
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """Augmentation of one view (defaults: the reference's)."""
+
+    crop_size: int = 224
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    flip_p: float = 0.5
+
+
+def random_resized_crop_params(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a crop, torchvision's ``RandomResizedCrop.get_params`` algorithm
+    (10 tries of area ~ U(scale), log-aspect ~ U(log ratio), then a centre crop) drawn from ``rng``."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _color_jitter(image: Image.Image, jitter: tuple[float, float, float, float],
+                  rng: np.random.Generator) -> Image.Image:
+    """torchvision's ColorJitter with its parameter draws taken from ``rng``."""
+    b, c, s, h = jitter
+    order = rng.permutation(4)
+    factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+               rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in order:
+        image = adjust[i](image, factors[i])
+    return image
+
+
+def augment_view(image: Image.Image, mask: Image.Image, rng: np.random.Generator,
+                 aug: ViewAugment) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented view: ``(uint8 S x S x 3 image, bool S x S mask)``, S = ``aug.crop_size``.
+
+    ``image`` is an RGB PIL image, ``mask`` an ``L`` image of 0/1 of the same size. The crop box
+    is shared, so the mask stays aligned with the image pixel for pixel (up to the different
+    resampling of the two at the object's boundary).
+    """
+    top, left, h, w = random_resized_crop_params(image.height, image.width, aug.scale, aug.ratio, rng)
+    box = (left, top, left + w, top + h)
+    size = (aug.crop_size, aug.crop_size)
+    image = image.resize(size, Image.BILINEAR, box=box)
+    mask = mask.resize(size, Image.NEAREST, box=box)
+    if rng.random() < aug.jitter_p:
+        image = _color_jitter(image, aug.jitter, rng)
+    if rng.random() < aug.gray_p:
+        image = image.convert("L").convert("RGB")
+    if rng.random() < aug.flip_p:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(image), np.asarray(mask) > 0
+
+
+class TwoViewDataset(Dataset):
+    """Items ``(q_img, q_mask, k_img, k_mask, stats)`` for keys ``(epoch, index)``.
+
+    ``q_img``/``k_img``: uint8 3 x S x S; ``q_mask``/``k_mask``: bool S x S; ``stats``: int64 (3,)
+    counts of failed draws, replaced images and unreadable images (``STAT_NAMES``).
+
+    Args:
+        samples: the training images; ``index`` refers to this list.
+        masks: the mask store (opened lazily in each worker; never read as PNG folders).
+        seed: run seed; with ``(epoch, index, attempt)`` it fixes every random draw.
+        aug: view augmentation.
+        min_fg, max_fg: accepted foreground fraction of each view (open interval).
+        redraws: draws per image before another image is used (at least 1).
+    """
+
+    def __init__(self, samples: Sequence[Sample], masks: MaskStore, seed: int,
+                 aug: ViewAugment = ViewAugment(), min_fg: float = 0.01, max_fg: float = 0.99,
+                 redraws: int = 3) -> None:
+        if not samples:
+            raise TrainDataError("no training images")
+        if redraws < 1:
+            raise ValueError(f"redraws must be >= 1, got {redraws}")
+        if not 0.0 <= min_fg < max_fg <= 1.0:
+            raise ValueError(f"need 0 <= min_fg < max_fg <= 1, got min_fg={min_fg}, max_fg={max_fg}")
+        self.samples = list(samples)
+        self.masks = masks
+        self.seed = seed
+        self.aug = aug
+        self.min_fg = min_fg
+        self.max_fg = max_fg
+        self.redraws = redraws
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _accept(self, mask: np.ndarray) -> bool:
+        return self.min_fg < float(mask.mean()) < self.max_fg
+
+    def _load(self, i: int) -> tuple[Image.Image, Image.Image]:
+        """Image and mask of sample ``i`` as PIL images (BadInputError for an unreadable image)."""
+        sample = self.samples[i]
+        image = load_image(sample.image)  # H x W x 3 uint8
+        mask = self.masks.get(sample.id).mask  # H x W bool
+        if mask.shape != image.shape[:2]:
+            raise TrainDataError(
+                f"mask of {sample.id!r} in {self.masks.directory} is {mask.shape[1]}x{mask.shape[0]} but "
+                f"its image {sample.image} is {image.shape[1]}x{image.shape[0]}: the masks were made "
+                "from other images")
+        return Image.fromarray(image), Image.fromarray(mask.view(np.uint8))
+
+    def _replacement(self, epoch: int, index: int, candidate: int, current: int) -> int:
+        n = len(self.samples)
+        if n == 1:
+            return current
+        return (current + 1 + int(_rng(_REPLACE, self.seed, epoch, index, candidate).integers(n - 1))) % n
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        stats = [0, 0, 0]
+        current, attempt, tried = index, 0, []
+        for candidate in range(MAX_CANDIDATES):
+            tried.append(self.samples[current].id)
+            try:
+                image, mask = self._load(current)
+            except BadInputError:
+                stats[2] += 1
+                current = self._replacement(epoch, index, candidate, current)
+                continue
+            fg = float(np.asarray(mask).mean())
+            if self.min_fg < fg < self.max_fg:  # otherwise no crop can pass: replace at once
+                for _ in range(self.redraws):
+                    rng = _rng(_VIEWS, self.seed, epoch, index, attempt)
+                    attempt += 1
+                    q_img, q_mask = augment_view(image, mask, rng, self.aug)
+                    k_img, k_mask = augment_view(image, mask, rng, self.aug)
+                    if self._accept(q_mask) and self._accept(k_mask):
+                        return (_chw(q_img), torch.from_numpy(q_mask.copy()), _chw(k_img),
+                                torch.from_numpy(k_mask.copy()), torch.tensor(stats, dtype=torch.int64))
+                    stats[0] += 1
+            stats[1] += 1
+            current = self._replacement(epoch, index, candidate, current)
+        raise TrainDataError(
+            f"no usable view pair for training index {index} (epoch {epoch}) after trying "
+            f"{MAX_CANDIDATES} images ({', '.join(tried)}): every one was unreadable or its mask's "
+            f"crops had foreground outside ({self.min_fg}, {self.max_fg}); check the mask artifact")
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    """H x W x 3 uint8 array -> 3 x H x W uint8 tensor (contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 B x 3 x H x W -> float32, scaled to [0, 1] and normalised with ImageNet mean/std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of ``range(n)`` that epoch ``epoch`` visits (a pure function)."""
+    return _rng(_ORDER, seed, epoch).permutation(n)
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(epoch, index)`` keys for epochs ``start_epoch..end_epoch`` (1-based),
+    sharded over ranks: DistributedSampler's role with ``set_epoch`` built in.
+
+    Each epoch shuffles all ``n`` indices (``epoch_order``), cuts them into ``n // global_batch``
+    global batches (the rest is dropped, as ``drop_last=True``) and gives rank ``r`` the
+    ``r``-th contiguous slice of each. The global batch, hence the training, does not depend on
+    the number of ranks. ``start_step`` skips that many batches of the first epoch.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, start_epoch: int, end_epoch: int,
+                 rank: int = 0, world_size: int = 1, start_step: int = 0) -> None:
+        if global_batch < 1 or global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} must be a positive multiple of the "
+                             f"{world_size} processes")
+        if n < global_batch:
+            raise TrainDataError(f"{n} training images cannot fill one batch of {global_batch}")
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.start_epoch, self.end_epoch, self.start_step = start_epoch, end_epoch, start_step
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = global_batch // world_size
+        self.steps_per_epoch = n // global_batch
+
+    def __len__(self) -> int:
+        epochs = max(self.end_epoch - self.start_epoch + 1, 0)
+        return max(epochs * self.steps_per_epoch - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        lo = self.rank * self.local_batch
+        for epoch in range(self.start_epoch, self.end_epoch + 1):
+            order = epoch_order(self.n, self.seed, epoch)
+            first = self.start_step if epoch == self.start_epoch else 0
+            for step in range(first, self.steps_per_epoch):
+                batch = order[step * self.global_batch: (step + 1) * self.global_batch]
+                yield [(epoch, int(i)) for i in batch[lo: lo + self.local_batch]]
+
+
+def make_loader(dataset: TwoViewDataset, sampler: EpochBatchSampler, num_workers: int,
+                pin_memory: bool, seed: int) -> DataLoader:
+    """The DataLoader over ``sampler``'s batches. It gets its own torch Generator, so creating it
+    draws nothing from the global RNG (which the loop checkpoints and restores)."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(derive_seed(seed, _ORDER)))
