@@ -272,6 +272,47 @@ def inspect(state: State, path, sheet, n_images):
         click.echo(f"contact sheet: {out}")
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--report", default=None, metavar="evaluate/VERSION",
+              help="evaluation artifact holding kmeans_model.json [default: the configured pipeline's]")
+@click.option("--model", "model_ref", default=None, metavar="train/VERSION",
+              help="training artifact [default: the configured pipeline's]")
+@click.option("--seed", default=None, type=int, help="which K-means seed's clustering [default: the first]")
+@pass_state
+@handle_errors
+def segment(state: State, images, out_dir, report, model_ref, seed):
+    """Segment new images (files or folders) with a trained model and a fitted K-means clustering.
+
+    Writes <stem>.png (palette PNG of class indices) and <stem>_overlay.png per image.
+    """
+    from pipeline.graph import plan
+    from stages.segment import segment_images
+    from stages.train import load_model
+
+    ctx = state.context()
+    if report is None or model_ref is None:
+        planned = plan(ctx, ("evaluate",))
+        report = report or planned["evaluate"].spec.ref
+        model_ref = model_ref or planned["train"].spec.ref
+    evaluation, training = ctx.store.open(report), ctx.store.open(model_ref)
+    kmeans_file = evaluation.path / "kmeans_model.json"
+    if not kmeans_file.is_file():
+        raise click.ClickException(f"{evaluation.ref} has no kmeans_model.json: run evaluate with the kmeans protocol")
+    paths: list[Path] = []
+    for item in map(Path, images):
+        paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir()
+                     else [item])
+    model, _ = load_model(training.path)
+    summary = segment_images(model, kmeans_file, paths, Path(out_dir), seed=seed, progress=not state.quiet)
+    click.echo(f"segmented {summary.get('n_images', len(paths))} image(s) into {out_dir}"
+               + (f"; skipped {summary['n_skipped']}" if summary.get("n_skipped") else ""))
+
+
 @cli.command(name="config")
 @click.option("--defaults", is_flag=True, help="print the built-in defaults instead of the resolved config")
 @pass_state

@@ -159,7 +159,7 @@ def _run_train(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) 
     params = TrainParams(**ctx.cfg.section("train", drop_volatile=False))
     writer.update(train_images={"split": cfg.data.train_split, "n_split": len(split), "n_with_mask": len(samples)})
     summary = train(params, samples, masks.path, writer.path, progress=not ctx.quiet,
-                    on_epoch=lambda epoch, record: writer.set_progress(epoch + 1, params.epochs, "epochs"))
+                    on_epoch=lambda epoch, record: writer.set_progress(epoch, params.epochs, "epochs"))
     return summary
 
 
