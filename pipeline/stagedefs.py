@@ -39,7 +39,14 @@ def _masks_params(ctx: Context) -> Mapping[str, Any]:
 
         params["import"] = {"fingerprint": folder_fingerprint(m.import_dir)}
     elif m.method == "bootstrap":
-        params["bootstrap"] = ctx.cfg.section("masks")["bootstrap"]
+        import dataclasses
+
+        resolved = dataclasses.asdict(_bootstrap_params(ctx.cfg))  # module defaults included
+        for volatile in ("num_workers", "device"):
+            resolved.pop(volatile, None)
+        if resolved["init"] != "random":
+            resolved["init"] = {"file": Path(resolved["init"]).name, "sha256": sha256_file(Path(resolved["init"]))}
+        params["bootstrap"] = resolved
         params["priors"] = ctx.cfg.section("masks")["priors"]
     return params
 
@@ -69,13 +76,10 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
 
     m = cfg.masks
     if m.method == "bootstrap":
-        import dataclasses
+        from stages.masks.bootstrap import BootstrapEstimator, fit_bootstrap
 
-        from stages.masks.bootstrap import BootstrapEstimator, BootstrapParams, fit_bootstrap
-
-        known = {f.name for f in dataclasses.fields(BootstrapParams)}
-        bp = BootstrapParams(**{k: v for k, v in ctx_section(cfg, "bootstrap").items() if k in known})
-        checkpoint = fit_bootstrap(list(samples), _prior_params(cfg), bp, work_dir, progress=progress)
+        checkpoint = fit_bootstrap(list(samples), _prior_params(cfg), _bootstrap_params(cfg), work_dir,
+                                   progress=progress)
         return BootstrapEstimator(checkpoint)
     if m.method == "priors":
         return stage.PriorsEstimator(_prior_params(cfg))
@@ -91,9 +95,10 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
     raise ValueError(f"unknown masks.method {m.method!r}")
 
 
-def ctx_section(cfg: Config, name: str) -> dict[str, Any]:
-    """A masks sub-section as plain data, volatile keys included (they only change speed)."""
-    return cfg.section("masks", drop_volatile=False)[name]
+def _bootstrap_params(cfg: Config):
+    from stages.masks.bootstrap import BootstrapParams
+
+    return BootstrapParams(**cfg.section("masks", drop_volatile=False)["bootstrap"])
 
 
 def _run_masks(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:

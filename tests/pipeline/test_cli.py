@@ -156,3 +156,17 @@ def test_data_check_reports_bad_file(project):
 def test_config_prints_resolved(project):
     r = invoke("--set", "masks.threshold=0.3", "config")
     assert "threshold: 0.3" in r.output
+
+
+@pytest.mark.slow
+def test_bootstrap_masks_through_the_pipeline(project):
+    """masks.method=bootstrap fits its network inside the mask artifact, then writes shards."""
+    r = invoke("-q", "--set", "masks.method=bootstrap", "--set", "masks.bootstrap.rounds=1",
+               "--set", "masks.bootstrap.epochs_per_round=1", "--set", "masks.bootstrap.input_size=32",
+               "--set", "masks.bootstrap.batch_size=4", "masks")
+    assert r.exit_code == 0, r.output
+    [vdir] = (project / "store" / "masks").iterdir()
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["params"]["bootstrap"]["rounds"] == 1
+    assert manifest["estimator"]["estimator"] == "bootstrap"
+    assert any(f["path"].startswith("bootstrap/") for f in manifest["files"])

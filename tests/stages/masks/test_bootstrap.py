@@ -1,0 +1,212 @@
+"""Bootstrapped saliency: refinement arithmetic, fit -> checkpoint -> estimator, resume, pickling,
+determinism, skipped images. Tiny synthetic images (a bright disk on noise), 1 epoch per round."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stages.masks.bootstrap as bs
+from stages.data import Sample
+from stages.masks.bootstrap import (
+    BootstrapError,
+    BootstrapEstimator,
+    BootstrapParams,
+    calibrate,
+    fit_bootstrap,
+    fraction_threshold,
+    refine_labels,
+    round_checkpoint,
+    round_labels,
+    to_u8,
+)
+from stages.masks.priors import PriorParams
+from stages.train.model import build_backbone
+
+PRIORS = PriorParams(size=48, n_segments=40)
+TINY = BootstrapParams(rounds=1, epochs_per_round=1, input_size=32, batch_size=4, decoder_channels=8,
+                       device="cpu")
+
+
+def _disk_image(rng: np.random.Generator, h: int = 40, w: int = 56) -> np.ndarray:
+    """A bright disk at a random place on dark noise: uint8 (h, w, 3)."""
+    img = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+    cy, cx, r = rng.integers(12, h - 12), rng.integers(12, w - 12), rng.integers(6, 11)
+    ys, xs = np.mgrid[0:h, 0:w]
+    img[(ys - cy) ** 2 + (xs - cx) ** 2 < r * r] = rng.integers(200, 256, 3).astype(np.uint8)
+    return img
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: on a shared 2-core machine OpenMP's thread hand-offs cost more than the maths."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory) -> list[Sample]:
+    root = tmp_path_factory.mktemp("disks")
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(8):
+        path = root / f"img{i}.png"
+        Image.fromarray(_disk_image(rng)).save(path)
+        out.append(Sample(f"img{i}", path, None))
+    return out
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refine_labels_matches_hand_computation():
+    previous = np.array([[0.0, 1.0], [0.5, 0.2]], np.float32)
+    prediction = np.array([[1.0, 1.0], [0.0, 0.6]], np.float32)
+    # 0.7 * previous + 0.3 * prediction, by hand
+    expected = np.array([[0.3, 1.0], [0.35, 0.32]], np.float32)
+    np.testing.assert_allclose(refine_labels(previous, prediction, 0.7), expected, atol=1e-6)
+    np.testing.assert_array_equal(refine_labels(previous, prediction, 0.0), prediction)
+    with pytest.raises(ValueError, match="shapes differ"):
+        refine_labels(previous, prediction[:1], 0.5)
+
+
+def test_calibrate_sends_the_threshold_to_one_half_and_keeps_the_order():
+    p = np.array([0.01, 0.1, 0.2, 0.5, 0.9], np.float32)
+    out = calibrate(p, 0.2)
+    assert out[2] == pytest.approx(0.5, abs=1e-6)
+    assert np.all(np.diff(out) > 0)
+    # by hand: logit 0.1 - logit 0.2 = ln(1/9) - ln(1/4) = ln(4/9)  ->  sigmoid = 4 / 13
+    assert out[1] == pytest.approx(4 / 13, abs=1e-6)
+    np.testing.assert_allclose(calibrate(p, 0.5), p, atol=1e-6)
+
+
+def test_fraction_threshold_leaves_the_requested_share_above():
+    values = np.arange(1000, dtype=np.float32) / 1000.0
+    t = fraction_threshold(values, 0.1)
+    assert np.mean(values > t) == pytest.approx(0.1, abs=0.002)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
+        fraction_threshold(values, 0.0)
+
+
+def test_params_are_validated():
+    with pytest.raises(BootstrapError, match="input_size must be a multiple of 32"):
+        BootstrapParams(input_size=100)
+    with pytest.raises(BootstrapError, match=r"ema must be in \[0, 1\)"):
+        BootstrapParams(ema=1.0)
+    with pytest.raises(BootstrapError, match="backbone must be one of"):
+        BootstrapParams(backbone="vgg16")
+    with pytest.raises(BootstrapError, match="freezes a random encoder"):
+        BootstrapParams(freeze="layer2")
+
+
+def test_pretrained_init_and_frozen_stages_stay_put(samples, tmp_path):
+    init = tmp_path / "init.pth"
+    torch.manual_seed(123)
+    torch.save(build_backbone("mobilenet_v2", 32)[0].state_dict(), init)
+    params = BootstrapParams(**{**TINY.__dict__, "init": str(init), "freeze": "layer2"})
+    state = _state(fit_bootstrap(samples, PRIORS, params, tmp_path / "work", progress=False))
+    start = torch.load(init, weights_only=True)
+    frozen = [k for k in start if k.startswith(tuple(f"features.{i}." for i in range(7)))]
+    trained = [k for k in start if k.startswith("features.17.") and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(state[f"backbone.{k}"], start[k]) for k in frozen)  # weights and BN statistics
+    assert not any(torch.equal(state[f"backbone.{k}"], start[k]) for k in trained)
+
+
+def test_fit_gives_a_checkpoint_and_a_map_of_the_image_size(samples, tmp_path):
+    ckpt = fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False)
+    assert ckpt == round_checkpoint(tmp_path, 1) and ckpt.is_file()
+    est = BootstrapEstimator(ckpt)
+    img = _disk_image(np.random.default_rng(5), 37, 61)
+    soft = est(img)
+    assert soft.shape == (37, 61) and soft.dtype == np.float32
+    assert 0.0 <= soft.min() and soft.max() <= 1.0
+    d = est.describe()
+    assert d["estimator"] == "bootstrap" and len(d["checkpoint_sha256"]) == 64
+    assert d["estimator_params"]["input_size"] == 32 and d["estimator_params"]["round"] == 1
+    # a second call finds the final checkpoint and trains nothing
+    assert fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False) == ckpt
+
+
+def test_estimator_pickle_round_trip(samples, tmp_path):
+    est = BootstrapEstimator(fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False))
+    img = _disk_image(np.random.default_rng(1))
+    before = est(img)  # loads the network, which must not travel in the pickle
+    clone = pickle.loads(pickle.dumps(est))
+    assert clone._net is None
+    np.testing.assert_array_equal(clone(img), before)
+
+
+def test_fit_is_deterministic_for_a_seed(samples, tmp_path):
+    a = fit_bootstrap(samples, PRIORS, TINY, tmp_path / "a", progress=False)
+    b = fit_bootstrap(samples, PRIORS, TINY, tmp_path / "b", progress=False)
+    c = fit_bootstrap(samples, PRIORS, BootstrapParams(**{**TINY.__dict__, "seed": 1}), tmp_path / "c", progress=False)
+    assert _same_state(_state(a), _state(b))
+    assert not _same_state(_state(a), _state(c))
+
+
+def test_resume_skips_finished_rounds_and_matches_an_uninterrupted_fit(samples, tmp_path, monkeypatch):
+    params = BootstrapParams(**{**TINY.__dict__, "rounds": 2})
+    full = fit_bootstrap(samples, PRIORS, params, tmp_path / "full", progress=False)
+
+    work = tmp_path / "resumed"
+    fit_bootstrap(samples, PRIORS, params, work, progress=False)
+    round_checkpoint(work, 2).unlink()  # as if interrupted during round 2
+    trained = []
+    original = bs._train_round
+    monkeypatch.setattr(bs, "_train_round", lambda net, imgs, labels, level, p, r, *a: trained.append(r) or original(
+        net, imgs, labels, level, p, r, *a))
+    prepared = []
+    original_prepare = bs._prepare_one
+    monkeypatch.setattr(bs, "_prepare_one", lambda task: prepared.append(task) or original_prepare(task))
+    resumed = fit_bootstrap(samples, PRIORS, params, work, progress=False)
+    assert trained == [2]  # round 1 was not retrained
+    assert prepared == []  # the prior maps came from the cache
+    assert _same_state(_state(resumed), _state(full))
+
+
+def test_round_labels_are_the_moving_average_of_priors_and_predictions(samples, tmp_path):
+    params = BootstrapParams(**{**TINY.__dict__, "rounds": 2, "ema": 0.6})
+    fit_bootstrap(samples, PRIORS, params, tmp_path, progress=False)
+    [cache] = tmp_path.glob("priors-*.npz")
+    with np.load(cache) as z:
+        ids, priors = list(z["ids"]), z["maps"]
+    with np.load(round_labels(tmp_path, 1)) as z:
+        assert list(z["ids"]) == ids
+        labels = z["labels"]
+    # by hand: images at the input size, round-1 network with flip TTA, then 0.6 prior + 0.4 prediction
+    est = BootstrapEstimator(round_checkpoint(tmp_path, 1))
+    net = est._load()
+    images = np.stack([bs.resize_square(np.asarray(Image.open(s.image)), 32) for s in samples])
+    x = bs._normalise(torch.from_numpy(images))
+    with torch.no_grad():
+        pred = 0.5 * (torch.sigmoid(net(x)) + torch.sigmoid(net(x.flip(-1))).flip(-1))[:, 0].numpy()
+    pred = calibrate(pred, est._ckpt["threshold"])
+    expected = to_u8(0.6 * priors / 255.0 + 0.4 * pred)
+    assert np.abs(labels.astype(int) - expected.astype(int)).max() <= 1  # float rounding at .5 boundaries
+
+
+def test_unreadable_images_are_skipped_and_reported(samples, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    work = tmp_path / "work"
+    fit_bootstrap([*samples, Sample("broken", bad, None)], PRIORS, TINY, work, progress=False)
+    skipped = (work / bs.SKIPPED_FILE).read_text()
+    assert "broken" in skipped and "not an image file" in skipped
+
+
+def test_work_dir_with_other_parameters_is_refused(samples, tmp_path):
+    fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False)
+    with pytest.raises(BootstrapError, match="holds a bootstrap fit with other parameters"):
+        fit_bootstrap(samples, PRIORS, BootstrapParams(**{**TINY.__dict__, "lr": 0.1}), tmp_path, progress=False)
