@@ -20,7 +20,7 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from artifacts.atomic import atomic_write_json, is_temp_name, sha256_file
 from artifacts.lock import VersionLock
@@ -335,7 +335,3 @@ def _clear_dir(path: Path, keep: tuple[str, ...] = ()) -> None:
         else:
             child.unlink()
 
-
-def iter_files(info: ArtifactInfo) -> Iterator[Path]:
-    for entry in (info.manifest or {}).get("files", []):
-        yield info.path / entry["path"]
