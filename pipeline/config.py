@@ -56,12 +56,14 @@ class BootstrapConfig:
     backbone: Literal["resnet18", "resnet50", "mobilenet_v2"] = opt("mobilenet_v2", doc="saliency network encoder")
     init: str = opt("random", doc="'random' or a checkpoint path for the encoder")
     rounds: int = opt(3, doc="pseudo-label refinement rounds", check=in_range(1))
-    epochs_per_round: int = opt(5, doc="training epochs per round", check=in_range(1))
+    epochs_per_round: int = opt(3, doc="training epochs per round", check=in_range(1))
     input_size: int = opt(224, doc="training/inference size (a multiple of 32)",
                           check=lambda v: None if v >= 32 and v % 32 == 0 else f"must be a multiple of 32, >= 32, got {v}")
     batch_size: int = opt(16, doc="images per step (>= 2 for BatchNorm)", check=in_range(2))
     lr: float = opt(0.01, check=in_range(0.0, lo_open=True))
     ema: float = opt(0.7, doc="moving-average weight of the previous pseudo-label in refinement", check=in_range(0.0, 1.0))
+    freeze: Literal["none", "stem", "layer1", "layer2", "layer3", "layer4"] = opt(
+        "layer2", doc="with a pretrained init, freeze the encoder up to this stage (ignored with random init)")
     seed: int = opt(0)
 
 

@@ -3,6 +3,8 @@ determinism, skipped images. Tiny synthetic images (a bright disk on noise), 1 e
 from __future__ import annotations
 
 import pickle
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from stages.train.model import build_backbone
 PRIORS = PriorParams(size=48, n_segments=40)
 TINY = BootstrapParams(rounds=1, epochs_per_round=1, input_size=32, batch_size=4, decoder_channels=8,
                        device="cpu")
+TWO_ROUNDS = replace(TINY, rounds=2, ema=0.6)
 
 
 def _disk_image(rng: np.random.Generator, h: int = 40, w: int = 56) -> np.ndarray:
@@ -106,15 +109,15 @@ def test_params_are_validated():
         BootstrapParams(ema=1.0)
     with pytest.raises(BootstrapError, match="backbone must be one of"):
         BootstrapParams(backbone="vgg16")
-    with pytest.raises(BootstrapError, match="freezes a random encoder"):
-        BootstrapParams(freeze="layer2")
+    with pytest.raises(BootstrapError, match="freeze must be 'none' or one of"):
+        BootstrapParams(freeze="layer9")
 
 
 def test_pretrained_init_and_frozen_stages_stay_put(samples, tmp_path):
     init = tmp_path / "init.pth"
     torch.manual_seed(123)
     torch.save(build_backbone("mobilenet_v2", 32)[0].state_dict(), init)
-    params = BootstrapParams(**{**TINY.__dict__, "init": str(init), "freeze": "layer2"})
+    params = replace(TINY, init=str(init), freeze="layer2")
     state = _state(fit_bootstrap(samples, PRIORS, params, tmp_path / "work", progress=False))
     start = torch.load(init, weights_only=True)
     frozen = [k for k in start if k.startswith(tuple(f"features.{i}." for i in range(7)))]
@@ -124,9 +127,17 @@ def test_pretrained_init_and_frozen_stages_stay_put(samples, tmp_path):
     assert not any(torch.equal(state[f"backbone.{k}"], start[k]) for k in trained)
 
 
-def test_fit_gives_a_checkpoint_and_a_map_of_the_image_size(samples, tmp_path):
-    ckpt = fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False)
-    assert ckpt == round_checkpoint(tmp_path, 1) and ckpt.is_file()
+@pytest.fixture(scope="module")
+def fitted(samples, tmp_path_factory) -> Path:
+    """work_dir of a finished two-round fit (ema 0.6), shared by the tests that only read it."""
+    work = tmp_path_factory.mktemp("fit2")
+    fit_bootstrap(samples, PRIORS, TWO_ROUNDS, work, progress=False)
+    return work
+
+
+def test_fit_gives_a_checkpoint_and_a_map_of_the_image_size(samples, fitted, monkeypatch):
+    ckpt = round_checkpoint(fitted, 2)
+    assert ckpt.is_file() and round_checkpoint(fitted, 1).is_file()
     est = BootstrapEstimator(ckpt)
     img = _disk_image(np.random.default_rng(5), 37, 61)
     soft = est(img)
@@ -134,13 +145,14 @@ def test_fit_gives_a_checkpoint_and_a_map_of_the_image_size(samples, tmp_path):
     assert 0.0 <= soft.min() and soft.max() <= 1.0
     d = est.describe()
     assert d["estimator"] == "bootstrap" and len(d["checkpoint_sha256"]) == 64
-    assert d["estimator_params"]["input_size"] == 32 and d["estimator_params"]["round"] == 1
-    # a second call finds the final checkpoint and trains nothing
-    assert fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False) == ckpt
+    assert d["estimator_params"]["input_size"] == 32 and d["estimator_params"]["round"] == 2
+    # a second call finds the final checkpoint and does nothing
+    monkeypatch.setattr(bs, "_prepare_data", None)
+    assert fit_bootstrap(samples, PRIORS, TWO_ROUNDS, fitted, progress=False) == ckpt
 
 
-def test_estimator_pickle_round_trip(samples, tmp_path):
-    est = BootstrapEstimator(fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False))
+def test_estimator_pickle_round_trip(fitted):
+    est = BootstrapEstimator(round_checkpoint(fitted, 2))
     img = _disk_image(np.random.default_rng(1))
     before = est(img)  # loads the network, which must not travel in the pickle
     clone = pickle.loads(pickle.dumps(est))
@@ -148,51 +160,50 @@ def test_estimator_pickle_round_trip(samples, tmp_path):
     np.testing.assert_array_equal(clone(img), before)
 
 
-def test_fit_is_deterministic_for_a_seed(samples, tmp_path):
-    a = fit_bootstrap(samples, PRIORS, TINY, tmp_path / "a", progress=False)
-    b = fit_bootstrap(samples, PRIORS, TINY, tmp_path / "b", progress=False)
-    c = fit_bootstrap(samples, PRIORS, BootstrapParams(**{**TINY.__dict__, "seed": 1}), tmp_path / "c", progress=False)
-    assert _same_state(_state(a), _state(b))
-    assert not _same_state(_state(a), _state(c))
+def test_fit_is_deterministic_for_a_seed(samples, fitted, tmp_path):
+    # Each round is seeded by (seed, round) alone: a one-round fit redoes round 1 of the two-round one.
+    a = fit_bootstrap(samples, PRIORS, replace(TWO_ROUNDS, rounds=1), tmp_path / "a", progress=False)
+    b = fit_bootstrap(samples, PRIORS, replace(TWO_ROUNDS, rounds=1, seed=1), tmp_path / "b", progress=False)
+    assert _same_state(_state(a), _state(round_checkpoint(fitted, 1)))
+    assert not _same_state(_state(a), _state(b))
 
 
-def test_resume_skips_finished_rounds_and_matches_an_uninterrupted_fit(samples, tmp_path, monkeypatch):
-    params = BootstrapParams(**{**TINY.__dict__, "rounds": 2})
-    full = fit_bootstrap(samples, PRIORS, params, tmp_path / "full", progress=False)
-
+def test_resume_skips_finished_rounds_and_matches_an_uninterrupted_fit(samples, fitted, tmp_path, monkeypatch):
     work = tmp_path / "resumed"
-    fit_bootstrap(samples, PRIORS, params, work, progress=False)
+    shutil.copytree(fitted, work)
     round_checkpoint(work, 2).unlink()  # as if interrupted during round 2
-    trained = []
-    original = bs._train_round
-    monkeypatch.setattr(bs, "_train_round", lambda net, imgs, labels, level, p, r, *a: trained.append(r) or original(
+    trained, prepared = [], []
+    original_train, original_prepare = bs._train_round, bs._prepare_one
+    monkeypatch.setattr(bs, "_train_round", lambda net, imgs, labels, level, p, r, *a: trained.append(r) or original_train(
         net, imgs, labels, level, p, r, *a))
-    prepared = []
-    original_prepare = bs._prepare_one
     monkeypatch.setattr(bs, "_prepare_one", lambda task: prepared.append(task) or original_prepare(task))
-    resumed = fit_bootstrap(samples, PRIORS, params, work, progress=False)
+    resumed = fit_bootstrap(samples, PRIORS, TWO_ROUNDS, work, progress=False)
     assert trained == [2]  # round 1 was not retrained
     assert prepared == []  # the prior maps came from the cache
-    assert _same_state(_state(resumed), _state(full))
+    assert _same_state(_state(resumed), _state(round_checkpoint(fitted, 2)))
 
 
-def test_round_labels_are_the_moving_average_of_priors_and_predictions(samples, tmp_path):
-    params = BootstrapParams(**{**TINY.__dict__, "rounds": 2, "ema": 0.6})
-    fit_bootstrap(samples, PRIORS, params, tmp_path, progress=False)
-    [cache] = tmp_path.glob("priors-*.npz")
+def test_round_labels_are_the_moving_average_of_priors_and_predictions(samples, fitted):
+    [cache] = fitted.glob("priors-*.npz")
     with np.load(cache) as z:
         ids, priors = list(z["ids"]), z["maps"]
-    with np.load(round_labels(tmp_path, 1)) as z:
+    with np.load(round_labels(fitted, 1)) as z:
         assert list(z["ids"]) == ids
         labels = z["labels"]
-    # by hand: images at the input size, round-1 network with flip TTA, then 0.6 prior + 0.4 prediction
-    est = BootstrapEstimator(round_checkpoint(tmp_path, 1))
+    # by hand: images at the input size, round-1 network with flip TTA, calibrated so that the
+    # priors' foreground share exceeds 0.5, then 0.6 prior + 0.4 prediction
+    est = BootstrapEstimator(round_checkpoint(fitted, 1))
     net = est._load()
     images = np.stack([bs.resize_square(np.asarray(Image.open(s.image)), 32) for s in samples])
     x = bs._normalise(torch.from_numpy(images))
     with torch.no_grad():
         pred = 0.5 * (torch.sigmoid(net(x)) + torch.sigmoid(net(x.flip(-1))).flip(-1))[:, 0].numpy()
-    pred = calibrate(pred, est._ckpt["threshold"])
+    fg = np.mean(priors > 127.5)
+    assert est._ckpt["fg_fraction"] == pytest.approx(fg)
+    threshold = np.quantile(pred, 1.0 - fg)
+    assert est._ckpt["threshold"] == pytest.approx(threshold, abs=1e-4)
+    shift = np.log(threshold / (1.0 - threshold))
+    pred = 1.0 / (1.0 + np.exp(-(np.log(pred / (1.0 - pred)) - shift)))
     expected = to_u8(0.6 * priors / 255.0 + 0.4 * pred)
     assert np.abs(labels.astype(int) - expected.astype(int)).max() <= 1  # float rounding at .5 boundaries
 
@@ -206,7 +217,6 @@ def test_unreadable_images_are_skipped_and_reported(samples, tmp_path):
     assert "broken" in skipped and "not an image file" in skipped
 
 
-def test_work_dir_with_other_parameters_is_refused(samples, tmp_path):
-    fit_bootstrap(samples, PRIORS, TINY, tmp_path, progress=False)
+def test_work_dir_with_other_parameters_is_refused(samples, fitted):
     with pytest.raises(BootstrapError, match="holds a bootstrap fit with other parameters"):
-        fit_bootstrap(samples, PRIORS, BootstrapParams(**{**TINY.__dict__, "lr": 0.1}), tmp_path, progress=False)
+        fit_bootstrap(samples, PRIORS, replace(TWO_ROUNDS, lr=0.1), fitted, progress=False)
