@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 import faiss
 import numpy as np
 
+from stages.common.resize import nearest_indices
+
 from .metrics import (
     SalientClassCounts,
     confusion_matrix,
@@ -374,16 +376,11 @@ class KMeansProtocol:
 # ----------------------------------------------------------------------------- pixel level
 
 
-def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """Source index (n_out,) of each output position under nearest resizing n_in -> n_out:
-    floor(i * n_in / n_out), the torch 'nearest' / cv2 INTER_NEAREST convention."""
-    return (np.arange(n_out, dtype=np.int64) * n_in) // n_out
-
-
 def cell_class_counts(label: np.ndarray, grid: tuple[int, int], n_cls: int, ignore_index: int = 255) -> np.ndarray:
     """Pixel counts (h * w, n_cls) of each GT class under each cell of an (h, w) prediction grid
-    stretched over the label (H, W) by nearest resizing; the confusion of any per-cell
-    prediction p (h*w,) is then these rows summed by p, with no upsampled map."""
+    stretched over the label (H, W) by nearest resizing (cv2 INTER_NEAREST, as ``segment`` paints
+    it); the confusion of any per-cell prediction p (h*w,) is then these rows summed by p, with
+    no upsampled map."""
     h, w = grid
     big_h, big_w = label.shape
     cell = nearest_indices(h, big_h)[:, None] * w + nearest_indices(w, big_w)[None, :]  # (H, W)

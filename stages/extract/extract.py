@@ -101,6 +101,7 @@ from artifacts.embeddings import (
     summarize_embeddings,
 )
 from artifacts.masks import MaskStore
+from stages.common.resize import nearest_indices
 from stages.data import BadInputError, Sample, load_image
 from stages.train.data import normalize_images
 from stages.train.loop import resolve_amp, resolve_device
@@ -244,14 +245,6 @@ def resize_features(trunk: torch.Tensor, size: int) -> torch.Tensor:
     if size <= h and size <= w:
         return F.adaptive_avg_pool2d(trunk, size)
     return F.interpolate(trunk, size=(size, size), mode="bilinear", align_corners=False)
-
-
-def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """Source index (n_out,) of each output position of a nearest-neighbour resize n_in -> n_out,
-    bit-identical to cv2 ``INTER_NEAREST``: floor(i * (1 / (n_out / n_in))) in double precision.
-    (The exact-integer floor(i * n_in / n_out) differs from cv2 at some sizes.)"""
-    inverse_scale = 1.0 / (n_out / n_in)
-    return np.minimum(np.floor(np.arange(n_out) * inverse_scale).astype(np.int64), n_in - 1)
 
 
 def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

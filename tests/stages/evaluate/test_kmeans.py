@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -154,6 +155,18 @@ def test_cell_class_counts_matches_torch_nearest(rng):
     cells = torch.arange(5 * 3, dtype=torch.float32).reshape(1, 1, 5, 3)
     up = F.interpolate(cells, size=(23, 17), mode="nearest")[0, 0].long().numpy()
     np.testing.assert_array_equal(cell_class_counts(label, (5, 3), 4), confusion_matrix(up, label, 15, 4))
+
+
+@pytest.mark.parametrize("grid, label_shape", [((32, 32), (374, 500)), ((28, 21), (288, 512)), ((5, 3), (23, 17))])
+def test_cell_class_counts_matches_cv2_inter_nearest(rng, grid, label_shape):
+    """The grid is stretched as segment paints it (cv2 INTER_NEAREST), also at sizes where the
+    exact-integer floor(i * h / H) picks another cell (32 -> 374 at row 187, 28 -> 288)."""
+    label = rng.integers(0, 5, label_shape).astype(np.uint8)
+    label[:3] = 255
+    cells = np.arange(grid[0] * grid[1], dtype=np.int32).reshape(grid)  # (h, w) cell ids
+    up = cv2.resize(cells, label_shape[::-1], interpolation=cv2.INTER_NEAREST)  # (H, W)
+    want = confusion_matrix(up, label, cells.size, 5)
+    np.testing.assert_array_equal(cell_class_counts(label, grid, 5), want)
 
 
 def test_pixel_kmeans_protocol_separable(rng):
