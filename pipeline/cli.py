@@ -184,6 +184,18 @@ def _print_headline(result) -> None:
         click.echo(f"headline: {figures}")
 
 
+def _stage_command_body(state: State, name: str, force: bool, scheduler: str | None) -> None:
+    """Run stage ``name`` (and what it needs upstream, when missing) and print the results."""
+    from pipeline.runner import run_stages
+
+    ctx = state.context(scheduler=scheduler)
+    try:
+        results = run_stages(ctx, (name,), force_stages=(name,) if force else ())
+    finally:
+        ctx.close()
+    _print_results(results, state.quiet)
+
+
 def _stage_command(name: str, help_text: str):
     @click.option("--force", is_flag=True, help="recompute this stage from scratch (and break foreign locks)")
     @click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -191,24 +203,105 @@ def _stage_command(name: str, help_text: str):
     @pass_state
     @handle_errors
     def command(state: State, force, scheduler):
-        from pipeline.runner import run_stages
-
-        ctx = state.context(scheduler=scheduler)
-        try:
-            results = run_stages(ctx, (name,), force_stages=(name,) if force else ())
-        finally:
-            ctx.close()
-        _print_results(results, state.quiet)
+        _stage_command_body(state, name, force, scheduler)
 
     command.__doc__ = help_text + "\n\nRuns what it needs upstream first when that is missing."
     return cli.command(name=name)(command)
 
 
 def _register_stage_commands() -> None:
+    """One command per stage, unless a dedicated one (``evaluate``) is defined above."""
     from pipeline.graph import STAGES, available
 
     for name in available():
-        _stage_command(name, STAGES[name].help)
+        if name not in cli.commands:
+            _stage_command(name, STAGES[name].help)
+
+
+@cli.command()
+@click.option("--model", "models", multiple=True, metavar="train/VERSION",
+              help="compare this train artifact (repeatable; a unique version prefix will do)")
+@click.option("--retries", default=1, type=click.IntRange(min=0),
+              help="with --model: further attempts of a failing evaluation job")
+@click.option("--force", is_flag=True,
+              help="recompute this stage's artifact from scratch (with --model: the comparison, not the extracts)")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask scheduler (tcp://host:port); 'synchronous' runs in-process")
+@pass_state
+@handle_errors
+def evaluate(state: State, models, retries, force, scheduler):
+    """Evaluation report: K-means, linear-probe, retrieval and saliency protocols.
+
+    Runs what it needs upstream first when that is missing.
+
+    \b
+    With --model (repeatable), compare several trained models instead:
+      maskcontrast evaluate --model train/V1 --model train/V2 [--scheduler tcp://host:port]
+    Each model's extract artifact is made (or reused), then every model x protocol x seed
+    of evaluate.protocols and evaluate.seeds is one job on the dask cluster (an embedded
+    local cluster unless --scheduler names one; the workers read the store and the dataset
+    by path). A failed job is retried, then reported in the table. The results land in one
+    compare/VERSION artifact: comparison.md, comparison.json and comparison.png.
+    """
+    if not models:
+        _stage_command_body(state, "evaluate", force, scheduler)
+        return
+    ctx = state.context(scheduler=scheduler)
+    try:
+        results = _compare_models(ctx, [_train_ref(ctx.store, m) for m in models], retries=retries, force=force)
+    finally:
+        ctx.close()
+    _print_results(results, state.quiet)
+    _print_comparison(results[-1])
+
+
+def _train_ref(store, text: str) -> str:
+    """``--model`` value (``train/VERSION``, a unique prefix, or a bare version) to a complete train ref."""
+    from artifacts.store import StoreError
+
+    ref = text if "/" in text else f"train/{text}"
+    if ref.partition("/")[0] != "train":
+        raise click.BadParameter(f"expected a train artifact (train/VERSION), got {text!r}", param_hint="'--model'")
+    try:
+        return store.open(ref).ref
+    except StoreError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--model'") from None
+
+
+def _compare_models(ctx, train_refs: list[str], *, retries: int, force: bool) -> list:
+    """Make (or reuse) each model's extract artifact, then run the comparison artifact.
+
+    A model whose extract artifact is complete needs nothing upstream; otherwise its missing
+    upstream stages (the masks, for ``extract.mask_source: masks``) run first, each once.
+    ``force`` recomputes the comparison only."""
+    from artifacts.store import COMPLETE
+    from pipeline.runner import run_one
+    from pipeline.stagedefs import compare_plan
+
+    extracts, compare = compare_plan(ctx, train_refs, retries=retries)
+    results, seen = [], set()
+    for planned in extracts.values():
+        target = planned["extract"]
+        done = ctx.store.info(target.name, target.version).state == COMPLETE
+        for p in ([target] if done else planned.values()):
+            if p.spec.ref not in seen:
+                seen.add(p.spec.ref)
+                results.append(run_one(ctx, p))
+    results.append(run_one(ctx, compare, force=force))
+    return results
+
+
+def _print_comparison(result) -> None:
+    """The comparison table's path and rows (and a warning naming the failed jobs' count)."""
+    table = result.path / "comparison.md"
+    click.echo(f"comparison: {table}")
+    for line in table.read_text(encoding="utf-8").splitlines():
+        if line.startswith("|"):
+            click.echo(line)
+    failed, total = result.summary.get("n_failed"), result.summary.get("n_jobs")
+    if failed:
+        click.echo(f"warning: {failed} of {total} jobs failed (errors in the table and in "
+                   f"{result.path / 'comparison.json'}); --force reruns the comparison", err=True)
 
 
 @cli.command()

@@ -107,10 +107,17 @@ def _load_builtin() -> None:
     import pipeline.stagedefs  # noqa: F401
 
 
-def plan(ctx: Context, targets: tuple[str, ...] | None = None) -> dict[str, Planned]:
-    """Resolve the specs of ``targets`` and everything they need, upstream first."""
+def plan(ctx: Context, targets: tuple[str, ...] | None = None, *,
+         pinned: Mapping[str, str] | None = None) -> dict[str, Planned]:
+    """Resolve the specs of ``targets`` and everything they need, upstream first.
+
+    ``pinned`` maps a stage name to an existing artifact reference (``{"train": "train/ab12..."}``)
+    that the stages downstream take as their input instead of the configured stage's version; a
+    pinned stage is neither planned nor run (evaluating a model other than the configured one).
+    """
     _load_builtin()
     targets = targets or available()
+    pinned = dict(pinned or {})
     planned: dict[str, Planned] = {}
 
     def visit(name: str, chain: tuple[str, ...]) -> Planned:
@@ -125,7 +132,8 @@ def plan(ctx: Context, targets: tuple[str, ...] | None = None) -> dict[str, Plan
         if name in chain:
             raise RuntimeError(f"stage cycle: {' -> '.join(chain + (name,))}")
         defn = STAGES[name]
-        inputs = {up: visit(up, chain + (name,)).spec.ref for up in defn.needs(ctx.cfg)}
+        inputs = {up: pinned[up] if up in pinned else visit(up, chain + (name,)).spec.ref
+                  for up in defn.needs(ctx.cfg)}
         spec = ArtifactSpec(defn.name, defn.schema_version, dict(defn.params(ctx)), inputs)
         planned[name] = Planned(defn, spec)
         return planned[name]

@@ -16,6 +16,10 @@ one job after another) gives the same table as a cluster.
 Per-seed K-means jobs of one model share the per-image label counts of a split through
 ``<out_dir>/<model>/cache/`` (written atomically, so concurrent writers are harmless).
 
+From the command line, ``maskcontrast evaluate --model train/V1 --model train/V2 [--scheduler
+tcp://host:port]`` makes these jobs for the configured protocols and seeds and writes the table
+into a versioned ``compare`` artifact.
+
 On a SLURM cluster (dask-jobqueue, the ``cluster`` extra; not run by the tests)::
 
     from dask_jobqueue import SLURMCluster
@@ -43,7 +47,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,11 +224,29 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _finished(job: Job, out: Path) -> dict[str, Any] | None:
+    """The metrics a previous run of ``job`` left in ``out`` (its ``metrics.json`` is written
+    atomically and last, so its presence means the job finished), or None."""
+    path = out / job.subdir / "metrics.json"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)[job.protocol]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"run_batch: cannot reuse {path}: expected a JSON object with key "
+                         f"{job.protocol!r} ({exc}); delete it to rerun that job") from exc
+
+
 def run_batch(jobs: Iterable[Job], client: Any, out_dir: str | os.PathLike, retries: int = 1, *,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, resume: bool = False,
+              on_job: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run every job on the dask ``client`` (None: here, one after another), each tried up to
     1 + ``retries`` times; write ``comparison.json`` / ``.md`` / ``.png`` into ``out_dir`` and
-    return the table ``{"rows": [...], "jobs": [...]}``. Failed jobs are reported, not raised."""
+    return the table ``{"rows": [...], "jobs": [...]}``. Failed jobs are reported, not raised.
+
+    ``resume``: a job whose ``metrics.json`` is already in ``out_dir`` (an interrupted run of the
+    same batch) is read back, not rerun. ``on_job(done, total)`` is called as jobs finish."""
     from tqdm import tqdm
 
     jobs = list(jobs)
@@ -237,22 +259,34 @@ def run_batch(jobs: Iterable[Job], client: Any, out_dir: str | os.PathLike, retr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[str, Any]] = {}
-    bar = tqdm(total=len(jobs), desc="evaluate batch", unit="job", disable=not progress)
+    if resume:
+        for job in jobs:
+            metrics = _finished(job, out)
+            if metrics is not None:
+                results[job.key] = ("ok", metrics)
+    todo = [job for job in jobs if job.key not in results]
+    bar = tqdm(total=len(jobs), initial=len(results), desc="evaluate batch", unit="job", disable=not progress)
+
+    def done() -> None:
+        bar.update(1)
+        if on_job is not None:
+            on_job(len(results), len(jobs))
+
     try:
         if client is None:
-            for job in jobs:
+            for job in todo:
                 for attempt in range(retries + 1):
                     try:
                         results[job.key] = ("ok", run_job(job, str(out)))
                         break
                     except Exception as exc:  # reported in the table, as on a cluster
                         results[job.key] = ("failed", _error(exc))
-                bar.update(1)
+                done()
         else:
             from distributed import as_completed
 
             futures = {client.submit(run_job, job, str(out), key=job.key, retries=retries, pure=False): job
-                       for job in jobs}
+                       for job in todo}
             for fut in as_completed(futures):
                 job = futures[fut]
                 try:
@@ -260,7 +294,7 @@ def run_batch(jobs: Iterable[Job], client: Any, out_dir: str | os.PathLike, retr
                 except Exception as exc:
                     results[job.key] = ("failed", _error(exc))
                 fut.release()
-                bar.update(1)
+                done()
     finally:
         bar.close()
     table = _table(jobs, results)

@@ -84,6 +84,7 @@ def _check_table(table: dict, out: Path, jobs: list[Job]) -> None:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_batch_on_local_cluster_equals_in_process(jobs, tmp_path):
     from distributed import Client, LocalCluster
 
@@ -106,3 +107,22 @@ def test_jobs_are_checked_and_keys_unique(tmp_path):
     assert str(a.subdir) == "m-a-b/kmeans/seed-1"
     with pytest.raises(ValueError, match="duplicate jobs"):
         run_batch([a, a], None, tmp_path, progress=False)
+
+
+def test_resume_reads_finished_jobs_back(tmp_path):
+    """An interrupted batch continues: jobs with a metrics.json are read back, the others run."""
+    data, stores = _dataset(tmp_path / "in", swap={"val2": 1})
+    good = jobs_for("model-a", data, val_store=stores["val"], train_store=stores["train"],
+                    protocols=("kmeans", "retrieval"), seeds=(1, 2, 3),
+                    params={"kmeans": {"pca_dim": 4, "figures": False}, "retrieval": {"figures": False}})
+    first = run_batch(good, None, tmp_path, progress=False)
+    (tmp_path / good[1].subdir / "metrics.json").unlink()  # as if seed 2 had not finished
+    seen = []
+    again = run_batch(good, None, tmp_path, progress=False, resume=True, on_job=lambda d, t: seen.append((d, t)))
+    assert again == first
+    assert seen == [(4, 4)]  # only the missing job ran
+    attempts = [len((tmp_path / j.subdir / "attempts.log").read_text().splitlines()) for j in good]
+    assert attempts == [1, 2, 1, 1]
+    (tmp_path / good[0].subdir / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"cannot reuse .*seed-1/metrics.json: expected a JSON object with key 'kmeans'"):
+        run_batch(good, None, tmp_path, progress=False, resume=True)
