@@ -87,6 +87,8 @@ def convert(tp: Any, value: Any, key: str, source: str | None, base_dir: Path | 
                 errors.append(exc.detail)
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key, source)
     if origin is Literal:
+        if isinstance(value, bool) and ("off" if not value else "on") in get_args(tp):
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on/no/yes as a boolean
         if value not in get_args(tp):
             raise ConfigError(f"expected one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}", key, source)
         return value

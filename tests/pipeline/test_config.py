@@ -79,6 +79,15 @@ def test_overrides_are_typed_and_validated(tmp_path):
         parse_override("train.epochs")
 
 
+def test_yaml_booleans_read_as_off_where_a_choice_allows_it(tmp_path):
+    # YAML 1.1 parses a bare `off` as False: amp: off must still mean "off"
+    path = write(tmp_path, "train:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    assert load_config(path, ["train.amp=no"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp: expected one of"):
+        load_config(path, ["train.amp=yes"])  # "on" is not a choice of train.amp
+
+
 def test_relative_paths(tmp_path, monkeypatch):
     sub = tmp_path / "conf"
     sub.mkdir()
