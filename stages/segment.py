@@ -174,7 +174,7 @@ def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image
     dev = resolve_device(device)
     amp = resolve_amp("auto", dev)
     was_training = model.training
-    model.to(dev).eval()
+    model.to(dev, memory_format=torch.channels_last).eval()  # see normalize_images
     n_cls = max(len(clustering.class_names), int(clustering.mapping.max()) + 1, 1)
     pixels = np.zeros(256, dtype=np.int64)
     skipped: dict[str, str] = {}

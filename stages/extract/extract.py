@@ -476,7 +476,7 @@ def extract(model: nn.Module, samples: Sequence[Sample], out_dir: str | Path, pa
     hook = (model.backbone.register_forward_hook(lambda _m, _i, out: grids.append(out))
             if params.embedding == "backbone" else None)
     was_training = model.training
-    model.to(device).eval()
+    model.to(device, memory_format=torch.channels_last).eval()  # see normalize_images
     bar = tqdm(total=len(todo), desc="extract", unit="img", disable=not progress or not todo, smoothing=0.1)
     if on_shard:
         on_shard(len(done), n_shards)

@@ -225,10 +225,15 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 B x 3 x H x W -> float32, scaled to [0, 1] and normalised with ImageNet mean/std."""
+    """uint8 B x 3 x H x W -> float32, scaled to [0, 1] and normalised with ImageNet mean/std.
+
+    The result is in channels-last memory order, as the networks are (``to_channels_last``):
+    oneDNN's CPU convolutions run 1.4-3x faster on it (dilated depthwise ones most), and CUDA
+    autocast convolutions use tensor cores without layout conversions.
+    """
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return ((images.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -270,7 +270,7 @@ def build_encoders(model: MaskContrastModel, params: TrainParams, device: torch.
     """Query network (moved to ``device``, training mode), its momentum copy as key encoder (no
     gradients; frozen stages stay frozen, dropout active as in the reference), the queue, SGD over
     the parameters that require grad, and a GradScaler under fp16."""
-    model.to(device).train()
+    model.to(device, memory_format=torch.channels_last).train()  # see normalize_images
     key = copy.deepcopy(model)
     for parameter in key.parameters():
         parameter.requires_grad_(False)

@@ -8,6 +8,7 @@ from torch import nn
 
 from stages.train.model import (
     BACKBONES,
+    AtrousConv2d,
     MaskContrastModel,
     build_backbone,
     dilate_resnet_layer,
@@ -64,6 +65,26 @@ def test_decoder_rates_dropout_and_heads() -> None:
     assert [reference.decoder[0].convs[i][0].dilation for i in (1, 2, 3)] == [(12, 12), (24, 24), (36, 36)]
     assert reference.decoder[0].project[3].p == 0.5
     assert MaskContrastModel("resnet18", aspp_rates=(1, 2, 3)).decoder[0].convs[3][0].dilation == (3, 3)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (12, 12), (13, 30), (30, 13), (40, 41)])
+def test_atrous_conv_skipping_padding_taps_is_exact(shape: tuple[int, int]) -> None:
+    # dilation 12: rows and/or columns of the kernel read only padding on grids up to 12 wide
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 4, 3, padding=12, dilation=12, bias=True)
+    fast = AtrousConv2d.replacing(conv)
+    assert fast.weight is conv.weight and set(fast.state_dict()) == set(conv.state_dict())
+    x = torch.randn(2, 6, *shape, dtype=torch.float64, requires_grad=True)
+    conv, fast = conv.double(), fast.double()
+    ref, out = conv(x), fast(x)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    grads = torch.autograd.grad(out, (x, fast.weight, fast.bias), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="stride-1 'same' 3x3"):
+        AtrousConv2d.replacing(nn.Conv2d(6, 4, 3, padding=1, dilation=2))
 
 
 def test_resnet18_dilation_keeps_torchvision_names_and_shapes() -> None:
