@@ -16,6 +16,12 @@ def make_client(scheduler: str | None, n_workers: int = 0, *, quiet: bool = Fals
         return None
     from distributed import Client, LocalCluster
 
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # importing distributed sets its own loggers (distributed.nanny, .scheduler, ...) to INFO,
+        # which would print a dozen cluster start-up lines into every run's output
+        for name in list(logging.root.manager.loggerDict):
+            if name == "distributed" or name.startswith("distributed."):
+                logging.getLogger(name).setLevel(logging.ERROR)
     if scheduler:
         try:
             return Client(scheduler, timeout="30s")

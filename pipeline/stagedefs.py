@@ -341,6 +341,8 @@ def _run_evaluate(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any
         for key in ("miou", "miou_std", "iou", "max_f", "mean_f", "mae"):
             if isinstance(m.get(key), (int, float)):
                 summary[f"{protocol}.{key}"] = round(float(m[key]), 4)
+        if isinstance(m.get("colour_baseline"), dict):  # K-means on mask colours: the trivial baseline
+            summary[f"{protocol}.colour_baseline_miou"] = round(float(m["colour_baseline"]["miou"]), 4)
     return summary
 
 

@@ -31,6 +31,8 @@ def write_report(out_dir: Path, title: str, metrics: Mapping[str, Mapping[str, A
         for key, value in m.items():
             if isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 lines.append(f"| {key} | {_fmt(value)} |")
+            elif isinstance(value, Mapping) and "miou" in value:  # a baseline scored by the same protocol
+                lines.append(f"| {key} miou | {_fmt(value['miou'])} ± {_fmt(value.get('miou_std', 0.0))} |")
         lines.append("")
     for caption, name in images.items():
         lines += [f"### {caption}", "", f"![{caption}]({name})", ""]

@@ -22,6 +22,7 @@ from stages.evaluate.protocols import (
     KMEANS_MODEL_FILE,
     ProtocolError,
     class_counts,
+    colour_descriptors,
     run_kmeans,
     run_linear,
     run_pixel_kmeans,
@@ -170,6 +171,28 @@ def test_kmeans_planted_prototypes_recover_classes(tmp_path):
     assert set(m["per_class_iou"]) == set(CLASSES)
     assert all(v == pytest.approx(100.0) for v in m["per_class_iou"].values())
     assert m["figures"] == {} and not list(out.glob("*.png"))
+
+
+def test_colour_baseline_clusters_mask_colours(tmp_path):
+    data = Planted(tmp_path)
+    store = EmbeddingStore(data.stores["val"])
+    ids = data.ids("val")
+    noisy = run_kmeans(store, data.dataset, ids, tmp_path / "a", seeds=(1, 2), figures=False, progress=False)
+    # noise images: colour says nothing about the class, the planted prototypes say everything
+    assert noisy["miou"] == pytest.approx(100.0) and noisy["colour_baseline"]["miou"] < 90.0
+    colours = {1: (250, 10, 10), 2: (10, 250, 10), 3: (10, 10, 250)}
+    for id_ in ids:  # paint each object in its class's colour: now colour alone recovers the classes
+        path = data.root / "images" / f"{id_}.png"
+        image = np.asarray(Image.open(path)).copy()
+        image[data.masks[id_]] = colours[int(data.labels[id_][data.masks[id_]][0])]
+        Image.fromarray(image).save(path)
+    painted = run_kmeans(store, data.dataset, ids, tmp_path / "b", seeds=(1, 2), figures=False, progress=False)
+    assert painted["colour_baseline"]["miou"] == pytest.approx(100.0)
+    assert painted["colour_baseline"]["miou_std"] == 0.0
+    desc = colour_descriptors(store, data.dataset, ids[:1])  # one pure colour: one bin of 64
+    assert desc.shape == (1, 64) and np.count_nonzero(desc) == 1 and desc.max() == pytest.approx(1.0)
+    assert "colour_baseline" not in run_kmeans(store, data.dataset, ids, tmp_path / "c", seeds=(1,), figures=False,
+                                               progress=False, colour_baseline=False)
 
 
 def test_kmeans_matches_pixel_pass_and_model_file(data, tmp_path):
