@@ -529,6 +529,9 @@ def run_retrieval(train_store: StoreLike, val_store: StoreLike, dataset: Dataset
 # ----------------------------------------------------------------------------- linear probe
 
 
+LINEAR_CACHE_BYTES = 2 << 30  # features + labels of both splits held in memory up to this size
+
+
 def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetIndex, train_ids: Sequence[str],
                val_ids: Sequence[str], out_dir: Path, *, epochs: int = 60, lr: float = 0.1, lr_drop_epoch: int = 25,
                momentum: float = 0.9, weight_decay: float = 1e-4, batch_size: int = 16, seed: int = 0,
@@ -555,6 +558,7 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     train_ids, val_ids = list(train_ids), list(val_ids)
     _require_labels(dataset, train_ids, train_split, "linear")
     _require_labels(dataset, val_ids, val_split, "linear")
+    c_feat, h_feat, w_feat = _require_features(tr_store, "linear")
     import torch  # here, after the checks: importing torch takes seconds
 
     from stages.evaluate.linear import linear_confusion, predict_linear, train_linear_probe
@@ -578,16 +582,28 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
 
     train_ids, train_shapes = usable(tr_store, train_ids, train_split)
     val_ids, val_shapes = usable(va_store, val_ids, val_split)
+    # Every epoch reads every train and val image: keep the decoded features and labels in memory
+    # when they fit in LINEAR_CACHE_BYTES (a few hundred MB up to thousands of images), else
+    # stream them from the store each epoch (memory then stays flat whatever the dataset size).
+    footprint = sum(h * w + 2 * c_feat * h_feat * w_feat for shapes in (train_shapes, val_shapes)
+                    for h, w in shapes.values())
+    cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] | None = {} if footprint <= LINEAR_CACHE_BYTES else None
 
     def stream(store: EmbeddingStore, ids: Sequence[str], shapes: Mapping[str, tuple[int, int]],
                split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for id_ in ids:
+            if cache is not None and (split, id_) in cache:
+                yield cache[split, id_]
+                continue
             try:
                 label = load_label(dataset.sample(id_).label, shapes[id_])
             except BadInputError as exc:
                 skipped[f"{split}/{id_}"] = str(exc)
                 continue
-            yield store.features(id_), label  # (C, f, f) float16, (H, W) uint8
+            item = (store.features(id_), label)  # (C, f, f) float16, (H, W) uint8
+            if cache is not None:
+                cache[split, id_] = item
+            yield item
 
     def train_iter(epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         order = np.random.default_rng((seed, epoch)).permutation(len(train_ids))

@@ -28,6 +28,7 @@ from stages.evaluate.protocols import (
     run_pixel_kmeans,
     run_retrieval,
 )
+from stages.evaluate import protocols
 from stages.evaluate.report import write_metrics, write_report
 
 CLASSES = ["background", "alpha", "beta", "gamma"]
@@ -298,6 +299,23 @@ def test_linear_probe_on_separable_features(data, tmp_path):
         _valid_png(out / name)
     with np.load(out / "linear_probe.npz") as z:
         assert z["weight"].shape == (N_CLS, C, 1, 1) and list(z["class_names"]) == CLASSES
+
+
+def test_linear_probe_streamed_equals_cached(data, tmp_path, monkeypatch):
+    # small splits are held in memory after the first epoch; over the budget every epoch streams
+    # from the store: same batches in the same order, so the same head and scores
+    kw = dict(epochs=3, lr=0.1, lr_drop_epoch=2, batch_size=4, seed=3, device="cpu", progress=False, figures=False)
+    cached = run_linear(data.stores["train"], data.stores["val"], data.dataset, data.ids("train"), data.ids("val"),
+                        tmp_path / "a", **kw)
+    monkeypatch.setattr(protocols, "LINEAR_CACHE_BYTES", 0)
+    reads = []
+    original = EmbeddingStore.features
+    monkeypatch.setattr(EmbeddingStore, "features", lambda self, id_: reads.append(id_) or original(self, id_))
+    streamed = run_linear(data.stores["train"], data.stores["val"], data.dataset, data.ids("train"), data.ids("val"),
+                          tmp_path / "b", **kw)
+    assert streamed["miou"] == cached["miou"] and streamed["history"] == cached["history"]
+    n_train, n_val = len(data.ids("train")), len(data.ids("val"))
+    assert len(reads) == 3 * (n_train + n_val) + n_val  # every epoch reads both splits again, then the final val pass
 
 
 def test_linear_needs_features_with_equal_channels(tmp_path):
