@@ -237,6 +237,7 @@ class ArtifactWriter:
             previous = read_manifest(self.path)
             if previous and previous.get("status") == COMPLETE:
                 raise StoreError(f"{self.path} is already complete; refusing to rewrite it")
+            _remove_temp_files(self.path)
             self.resumed = previous is not None
             now = utcnow()
             self.manifest = {
@@ -322,6 +323,18 @@ class ArtifactWriter:
 
     def _write(self) -> None:
         atomic_write_json(self.path / MANIFEST, self.manifest)
+
+
+def _remove_temp_files(path: Path) -> None:
+    """Delete the temp files (:func:`~artifacts.atomic.is_temp_name`) under ``path``.
+
+    Called by the version's single writer, under its lock, before the stage runs: any temp file
+    there is the half-written remains of a writer that was killed (a shard, a checkpoint, a
+    ``model.pt`` of tens of MiB), which no reader would ever open and the complete artifact
+    should not carry.
+    """
+    for p in [p for p in path.rglob(".*") if is_temp_name(p.name) and p.is_file()]:
+        p.unlink(missing_ok=True)
 
 
 def _clear_dir(path: Path, keep: tuple[str, ...] = ()) -> None:

@@ -11,6 +11,8 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -101,6 +103,30 @@ def run_one(ctx: Context, p: Planned, *, force: bool = False) -> StageResult:
     return _run_writer(ctx, p, inputs, force=force)
 
 
+@contextmanager
+def stage_environment() -> Iterator[None]:
+    """Undo, when a stage ends, whatever it changed in this process's environment variables.
+
+    Stages share nothing in memory, and that includes ``os.environ``. The case that needs it:
+    starting a dask ``LocalCluster`` sets ``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``,
+    ``OPENBLAS_NUM_THREADS=1`` and ``MALLOC_TRIM_THRESHOLD_`` in *this* process (distributed's
+    nanny applies ``distributed.nanny.pre-spawn-environ`` to ``os.environ`` before spawning its
+    workers and never undoes it). A later stage that first loads torch (or faiss) in the same
+    process then ran on one thread: slower, and with other float results than the same stage in a
+    process that skipped the cluster (a rerun after a kill), as reduction order follows the thread
+    count. Resumed runs must end with the bits of uninterrupted ones.
+    """
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in before]:
+            del os.environ[key]
+        for key, value in before.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
 def _run_writer(ctx: Context, p: Planned, inputs: Mapping[str, Any], *, force: bool) -> StageResult:
     store: Store = ctx.store
     t0 = time.perf_counter()
@@ -110,7 +136,8 @@ def _run_writer(ctx: Context, p: Planned, inputs: Mapping[str, Any], *, force: b
                          restart=force) as writer:
             action = "resumed" if writer.resumed else "ran"
             log.info("%s %s: %s in %s", p.name, p.version, "continuing" if writer.resumed else "starting", writer.path)
-            summary = p.definition.run(ctx, writer, inputs)
+            with stage_environment():
+                summary = p.definition.run(ctx, writer, inputs)
             writer.complete(summary)
     except KeyboardInterrupt:
         raise
@@ -131,7 +158,8 @@ def _run_distributed(ctx: Context, p: Planned, rank: int) -> StageResult:
         return _run_writer(ctx, p, inputs, force=False)
     t0 = time.perf_counter()
     path = ctx.store.path(p.name, p.version)
-    summary = p.definition.run(ctx, FollowerWriter(path), inputs)
+    with stage_environment():
+        summary = p.definition.run(ctx, FollowerWriter(path), inputs)
     return StageResult(p.name, p.version, path, "ran", time.perf_counter() - t0, summary)
 
 

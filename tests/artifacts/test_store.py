@@ -92,6 +92,37 @@ def test_exception_marks_failed_and_keeps_partial_work(tmp_path):
     assert store.info("masks", s.version).state == COMPLETE
 
 
+def _die_mid_write(root, name):
+    """A writer killed inside an atomic write: its temp file stays behind, never renamed."""
+    from artifacts.atomic import atomic_path
+
+    w = Store(root).begin(spec()).__enter__()
+    (w.path / "shard-00000.h5").write_bytes(b"whole")
+    with atomic_path(w.path / name, suffix=".h5") as tmp:
+        tmp.write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("name", ["shard-00001.h5", "train/emb-00003.h5"])
+def test_rerun_removes_the_half_written_files_of_a_killed_writer(tmp_path, name):
+    (tmp_path / "masks" / spec().version / "train").mkdir(parents=True)
+    p = mp.get_context("fork").Process(target=_die_mid_write, args=(tmp_path, name))
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    path = Store(tmp_path).path("masks", spec().version)
+    debris = list(path.rglob("*.tmp.h5"))
+    assert len(debris) == 1 and debris[0].read_bytes() == b"half"
+    with pytest.warns(UserWarning, match="stale lock"):
+        with Store(tmp_path).begin(spec()) as w:
+            assert w.resumed
+            assert not debris[0].exists() and not (path / name).exists()
+            assert (path / "shard-00000.h5").read_bytes() == b"whole"  # finished work is kept
+            w.complete({})
+    assert sorted(q.relative_to(path).as_posix() for q in path.rglob("*") if q.is_file()) == [
+        "manifest.json", "shard-00000.h5"]
+
+
 def test_open_refuses_incomplete(tmp_path):
     store = Store(tmp_path)
     with pytest.raises(StoreError, match="no artifact"):
