@@ -72,6 +72,9 @@ def _rank() -> tuple[int, int]:
     return rank, world
 
 
+DISTRIBUTED_STAGES = ("train",)  # stages that run on every torchrun rank (the others fan out with dask)
+
+
 class FollowerWriter:
     """What a non-zero torchrun rank gets instead of an ArtifactWriter: the path, and no writes.
 
@@ -98,6 +101,11 @@ def run_one(ctx: Context, p: Planned, *, force: bool = False) -> StageResult:
         return StageResult(p.name, p.version, info.path, "skipped", 0.0, info.summary)
     rank, world = _rank()
     if world > 1:
+        # WORLD_SIZE only: SLURM_NTASKS is also set in a one-process batch script of a multi-task job
+        if p.name not in DISTRIBUTED_STAGES and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise StageFailed(f"stage {p.name} does not run under torchrun ({world} processes would each compute "
+                              f"and write it): run `maskcontrast {p.name}` (or `run`) without torchrun; only "
+                              f"{', '.join(DISTRIBUTED_STAGES)} uses several processes")
         return _run_distributed(ctx, p, rank)
     inputs = {up: _input(ctx, ref) for up, ref in p.spec.inputs.items()}
     return _run_writer(ctx, p, inputs, force=force)

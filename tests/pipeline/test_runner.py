@@ -58,6 +58,16 @@ def test_stage_environment_restored_when_the_stage_fails(tmp_path, environment):
     assert dict(os.environ) == before
 
 
+def test_only_train_runs_under_torchrun(tmp_path, monkeypatch):
+    # every torchrun rank would compute and write a masks / extract / evaluate artifact
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    ran = []
+    with pytest.raises(StageFailed, match="stage masks does not run under torchrun .* without torchrun"):
+        run_one(_context(tmp_path), _planned(lambda ctx, writer, inputs: ran.append(1) or {}))
+    assert ran == []
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_local_cluster_does_not_set_thread_variables_for_later_stages(tmp_path, environment):
