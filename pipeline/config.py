@@ -161,6 +161,8 @@ class LinearConfig:
 @dataclass(frozen=True)
 class RetrievalConfig:
     class_subset: Optional[tuple[str, ...]] = opt(None, doc="extra mIoU on these classes only (others ignored)")
+    bank_split: Optional[str] = opt(None, doc="split of the memory bank (the reference: VOC train); null = data.train_split",
+                                    check=lambda v: _split_name(v) if v is not None else None)
 
 
 @dataclass(frozen=True)

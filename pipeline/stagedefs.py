@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from artifacts.atomic import sha256_file
 from artifacts.store import ArtifactWriter
 from pipeline.config import Config
+from pipeline.configtypes import ConfigError
 from pipeline.graph import Context, Planned, StageDef, register
 
 if TYPE_CHECKING:
@@ -195,18 +196,48 @@ register(StageDef(
 
 
 # -- extract -----------------------------------------------------------------------------------------------
-def _extract_splits(cfg: Config) -> tuple[str, ...]:
-    """val always; train too when a protocol needs a training set (linear probe, retrieval bank)."""
+BANK_SPLIT_KEY = "evaluate.retrieval.bank_split"
+
+
+def retrieval_bank_split(ctx: Context) -> str | None:
+    """The split of the retrieval memory bank when it is not ``data.train_split``, else None.
+
+    None also when retrieval is not evaluated, so a config that leaves ``bank_split`` null, or sets
+    it to the train split, resolves to the same parameters (and versions) as before the key
+    existed. A split the dataset lacks, or the val split itself (each query would retrieve
+    itself), is a ConfigError naming the key: raised while planning, before any stage runs.
+    """
+    cfg = ctx.cfg
+    bank = cfg.evaluate.retrieval.bank_split
+    if bank is None or bank == cfg.data.train_split or "retrieval" not in cfg.evaluate.protocols:
+        return None
+    available = ctx.dataset.splits()
+    if bank not in available:
+        raise ConfigError(f"the dataset {cfg.data.root} has no split {bank!r}; available: {', '.join(available)}",
+                          BANK_SPLIT_KEY, ctx.config_source)
+    if bank == cfg.data.val_split:
+        raise ConfigError(f"{bank!r} is also data.val_split: every query would retrieve itself; use a split "
+                          "without the val images (null = data.train_split)", BANK_SPLIT_KEY, ctx.config_source)
+    return bank
+
+
+def _extract_splits(ctx: Context) -> tuple[str, ...]:
+    """val always; train when the linear probe, or retrieval with the train split as its bank, needs
+    it; the bank's split when ``evaluate.retrieval.bank_split`` names another."""
+    cfg = ctx.cfg
     protocols = set(cfg.evaluate.protocols)
+    bank = retrieval_bank_split(ctx)
     splits = [cfg.data.val_split]
-    if protocols & {"linear", "retrieval"} and cfg.data.train_split != cfg.data.val_split:
+    if "linear" in protocols or ("retrieval" in protocols and bank is None):
         splits.append(cfg.data.train_split)
-    return tuple(splits)
+    if bank is not None:
+        splits.append(bank)
+    return tuple(dict.fromkeys(splits))  # train may be val: each split once, in this order
 
 
 def _extract_params(ctx: Context) -> Mapping[str, Any]:
     params = dict(ctx.cfg.section("extract"))
-    params["splits"] = {split: ctx.data_identity(split) for split in _extract_splits(ctx.cfg)}
+    params["splits"] = {split: ctx.data_identity(split) for split in _extract_splits(ctx)}
     return params
 
 
@@ -222,7 +253,7 @@ def _run_extract(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]
                            shard_size=e.shard_size)
     model, meta = load_model(inputs["train"].path)
     mask_dir = inputs["masks"].path if "masks" in inputs else None
-    splits = _extract_splits(cfg)
+    splits = _extract_splits(ctx)
     summary: dict[str, Any] = {}
     for i, split in enumerate(splits):
         samples = ctx.dataset.samples(split)
@@ -274,9 +305,15 @@ def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
     if "linear" in cfg.evaluate.protocols:
         params["linear"] = {**section["linear"], "seed": section["seeds"][0]}
     if "retrieval" in cfg.evaluate.protocols:
-        params["retrieval"] = section["retrieval"]
+        retrieval = dict(section["retrieval"])
+        bank = retrieval_bank_split(ctx)
+        if bank is None:  # the train split: the parameters the versions had before the key existed
+            del retrieval["bank_split"]
+        else:
+            retrieval["bank_split"] = bank
+        params["retrieval"] = retrieval
     if set(cfg.evaluate.protocols) - {"saliency"}:
-        params["labels"] = {s: ctx.data_identity(s) for s in _extract_splits(cfg)}
+        params["labels"] = {s: ctx.data_identity(s) for s in _extract_splits(ctx)}
     return params
 
 
@@ -318,8 +355,9 @@ def _run_evaluate(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any
                                         seeds=ev.seeds, matching=k.pixel_matching, split=val, **common)
                 metrics["pixel_kmeans"] = pm
         elif protocol == "retrieval":
-            m = P.run_retrieval(emb / train, val_store, ds, ds.ids(train), val_ids, out,
-                                class_subset=ev.retrieval.class_subset, train_split=train, val_split=val,
+            bank = retrieval_bank_split(ctx) or train
+            m = P.run_retrieval(emb / bank, val_store, ds, ds.ids(bank), val_ids, out,
+                                class_subset=ev.retrieval.class_subset, train_split=bank, val_split=val,
                                 cache_dir=out, **common)
             metrics["retrieval"] = m
         elif protocol == "linear":
@@ -410,9 +448,13 @@ def _compare_params(ctx: Context) -> Mapping[str, Any]:
     protocols = compare_protocols(cfg)
     runner = _compare_runner_params(cfg)
     seeded = bool({"kmeans", "pixel_kmeans", "linear"} & set(protocols))  # retrieval has no seed
-    return {"protocols": list(protocols), "seeds": list(cfg.evaluate.seeds) if seeded else [],
-            "runner": {p: runner[p] for p in protocols},
-            "labels": {s: ctx.data_identity(s) for s in _extract_splits(cfg)}}
+    params = {"protocols": list(protocols), "seeds": list(cfg.evaluate.seeds) if seeded else [],
+              "runner": {p: runner[p] for p in protocols},
+              "labels": {s: ctx.data_identity(s) for s in _extract_splits(ctx)}}
+    bank = retrieval_bank_split(ctx)
+    if bank is not None:  # absent for the train split: the versions made before the key existed
+        params["bank_split"] = bank
+    return params
 
 
 def compare_jobs(ctx: Context, extracts: Mapping[str, Any]) -> list[Job]:
@@ -424,13 +466,15 @@ def compare_jobs(ctx: Context, extracts: Mapping[str, Any]) -> list[Job]:
     protocols = compare_protocols(cfg)
     runner = _compare_runner_params(cfg)
     val, train = cfg.data.val_split, cfg.data.train_split
-    needs_train = bool({"retrieval", "linear"} & set(protocols))
+    bank = retrieval_bank_split(ctx)
+    needs_train = "linear" in protocols or ("retrieval" in protocols and bank is None)
     root = Path(cfg.data.root).resolve()
     jobs = []
     for model, info in extracts.items():
         emb = Path(info.path).resolve()
         jobs += jobs_for(model, root, val_store=emb / val, train_store=emb / train if needs_train else None,
-                         protocols=protocols, seeds=cfg.evaluate.seeds, val_split=val, train_split=train,
+                         bank_store=None if bank is None else emb / bank, protocols=protocols,
+                         seeds=cfg.evaluate.seeds, val_split=val, train_split=train, bank_split=bank,
                          dataset_layout=ctx.dataset.layout, params={p: runner[p] for p in protocols})
     return jobs
 
@@ -467,7 +511,6 @@ def compare_plan(ctx: Context, train_refs: Sequence[str], *, retries: int = 1
     from functools import partial
 
     from artifacts.store import ArtifactSpec
-    from pipeline.configtypes import ConfigError
     from pipeline.graph import plan
 
     if not compare_protocols(ctx.cfg):

@@ -75,8 +75,10 @@ class Job:
 
     ``model``: the name the table shows (e.g. a train artifact version or a checkpoint name).
     ``seed``: the K-means seed / linear-probe seed; None for retrieval (deterministic) or to run a
-    protocol's default seeds in one job. ``params``: extra keyword arguments of the runner
-    (e.g. ``n_clusters``, ``pca_dim``, ``epochs``, ``class_subset``), JSON values.
+    protocol's default seeds in one job. ``train_store`` / ``train_split``: the split the protocol
+    learns from: the linear probe's training set, retrieval's memory bank. ``params``: extra
+    keyword arguments of the runner (e.g. ``n_clusters``, ``pca_dim``, ``epochs``,
+    ``class_subset``), JSON values.
     """
 
     model: str
@@ -115,20 +117,30 @@ class Job:
 
 
 def jobs_for(model: str, dataset_root: str | os.PathLike, *, val_store: str | os.PathLike,
-             train_store: str | os.PathLike | None = None, protocols: Sequence[str] = ("kmeans", "retrieval"),
+             train_store: str | os.PathLike | None = None, bank_store: str | os.PathLike | None = None,
+             protocols: Sequence[str] = ("kmeans", "retrieval"),
              seeds: Sequence[int] = (1234, 1235, 1236, 1237, 1238), val_split: str = "val",
-             train_split: str = "train", dataset_layout: str = "auto",
+             train_split: str = "train", bank_split: str | None = None, dataset_layout: str = "auto",
              params: Mapping[str, Mapping[str, Any]] | None = None) -> list[Job]:
     """The jobs of one model: one per seed for the seeded protocols, one for retrieval.
     ``params[protocol]`` holds that protocol's extra runner arguments. Pictures are drawn for
-    the first seed only (``figures=False`` for the others) unless ``params`` says otherwise."""
+    the first seed only (``figures=False`` for the others) unless ``params`` says otherwise.
+
+    Retrieval's memory bank is ``bank_store``, the embeddings of split ``bank_split`` (give both
+    or neither; the reference's bank is VOC ``train`` while training uses ``trainaug``), else the
+    train split's; the linear probe always trains on ``train_store``."""
+    if (bank_store is None) != (bank_split is None):
+        raise ValueError(f"jobs_for {model!r}: give bank_store and bank_split together (got bank_store="
+                         f"{bank_store!r}, bank_split={bank_split!r})")
     params = params or {}
     jobs = []
     for protocol in protocols:
+        learn_store, learn_split = ((bank_store, bank_split) if protocol == "retrieval" and bank_split is not None
+                                    else (train_store, train_split))
         for n, seed in enumerate(seeds if protocol in _SEEDED else (None,)):
             extra = {"figures": n == 0, **params.get(protocol, {})}
             jobs.append(Job(model, protocol, None if seed is None else int(seed), str(dataset_root), str(val_store),
-                            None if train_store is None else str(train_store), val_split, train_split,
+                            None if learn_store is None else str(learn_store), val_split, learn_split,
                             dataset_layout, extra))
     return jobs
 

@@ -466,6 +466,9 @@ def run_retrieval(train_store: StoreLike, val_store: StoreLike, dataset: Dataset
     """Retrieval: each val image takes its top-1 cosine neighbour's class among the train images
     (labelled with the majority class inside their salient mask) on its salient pixels.
 
+    The "train" arguments describe the memory bank: ``train_store`` holds the embeddings of split
+    ``train_split`` (the reference's bank is VOC ``train``, not the ``trainaug`` it trains on);
+    ``bank_split`` and ``n_bank_images`` in the metrics record which split and how many images.
     ``miou`` is the all-classes variant (mean over every class, background included); with
     ``class_subset`` (class names, e.g. the paper's 7) the subset variant is under ``subset``:
     other classes ignored in both splits, mean over the subset without background. The label
@@ -506,7 +509,8 @@ def run_retrieval(train_store: StoreLike, val_store: StoreLike, dataset: Dataset
                             predict)
     metrics: dict[str, Any] = {
         "miou": full.miou, "miou_std": 0.0, "per_class_iou": per_class, "pixel_accuracy": full.pixel_accuracy,
-        "seeds": [], "classes": names, "n_bank": full.n_bank, "n_bank_images": len(bank.ids),
+        "seeds": [], "classes": names, "bank_split": train_split, "n_bank": full.n_bank,
+        "n_bank_images": len(bank.ids),
         "n_images": len(query.ids), "deterministic": True,
     }
     if part is not None:

@@ -125,6 +125,7 @@ def test_voc_presets_are_the_papers_recipe(name, tmp_path):
     assert (lin.epochs, lin.lr_drop_epoch, lin.lr, lin.momentum, lin.weight_decay, lin.batch_size) == (
         60, 25, 0.1, 0.9, 1e-4, 16)
     assert e.retrieval.class_subset == SEVEN_CLASSES
+    assert e.retrieval.bank_split == "train"  # the reference's bank: VOC train (1,464), not trainaug
 
 
 @pytest.mark.parametrize("name, method", [("voc_unsupervised_moco.yaml", "bootstrap"),
@@ -166,6 +167,7 @@ def test_documented_link_recipe_turns_the_reference_archive_into_the_voc_layout(
     cfg = load_config(CONFIGS / "voc_unsupervised_moco.yaml", [f"data.root={root}"])
     index = DatasetIndex.open(cfg.data.root, cfg.data.layout)
     assert index.layout == "voc" and index.ids("trainaug") == ids["trainaug"] and index.ids("val") == ids["val"]
+    assert index.ids(cfg.evaluate.retrieval.bank_split) == ids["train"]  # the bank split exists after the links
     assert index.sample("s1").label.parent.name == "SegmentationClassAug"
     assert index.sample("v1").label.parent.name == "SegmentationClass"
     assert index.num_classes == 21

@@ -109,6 +109,25 @@ def test_jobs_are_checked_and_keys_unique(tmp_path):
         run_batch([a, a], None, tmp_path, progress=False)
 
 
+def test_retrieval_bank_from_its_own_split(tmp_path):
+    """bank_store/bank_split feed retrieval only; the linear probe keeps the train split; and
+    without them the jobs (and their keys) are those of a call that never heard of a bank."""
+    kw = dict(val_store="emb/val", train_store="emb/train", protocols=("retrieval", "linear"), seeds=(1,))
+    jobs = {j.protocol: j for j in jobs_for("m", "data", bank_store="emb/bank", bank_split="bank", **kw)}
+    assert (jobs["retrieval"].train_store, jobs["retrieval"].train_split) == ("emb/bank", "bank")
+    assert (jobs["linear"].train_store, jobs["linear"].train_split) == ("emb/train", "train")
+    plain = jobs_for("m", "data", **kw)
+    assert [j.key for j in plain] == [Job("m", "retrieval", None, "data", "emb/val", "emb/train",
+                                          params={"figures": True}).key,
+                                      Job("m", "linear", 1, "data", "emb/val", "emb/train",
+                                          params={"figures": True}).key]
+    only_bank = jobs_for("m", "data", val_store="emb/val", bank_store="emb/bank", bank_split="bank",
+                         protocols=("kmeans", "retrieval"), seeds=(1,))  # no train store needed
+    assert [j.train_store for j in only_bank] == [None, "emb/bank"]
+    with pytest.raises(ValueError, match="give bank_store and bank_split together"):
+        jobs_for("m", "data", bank_store="emb/bank", **kw)
+
+
 def test_resume_reads_finished_jobs_back(tmp_path):
     """An interrupted batch continues: jobs with a metrics.json are read back, the others run."""
     data, stores = _dataset(tmp_path / "in", swap={"val2": 1})
