@@ -29,14 +29,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} field")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstat import status_kib  # noqa: E402
 
 
 def child(variant: str, batch: int, args: argparse.Namespace) -> dict:
@@ -72,11 +66,11 @@ def child(variant: str, batch: int, args: argparse.Namespace) -> dict:
     q, masks, protos, queue = inputs(batch, args.size)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current VmRSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     start = time.perf_counter()
     value = step(q, masks, protos, queue)
     first = time.perf_counter() - start
-    peak = _status_kib("VmHWM") - before
+    peak = status_kib("VmHWM") - before
     times = [first]
     for _ in range(args.repeats):
         start = time.perf_counter()

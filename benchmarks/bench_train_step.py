@@ -35,14 +35,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} field")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstat import status_kib  # noqa: E402
 
 
 def child(backbone: str, loss: str, layout: str, args: argparse.Namespace) -> dict:
@@ -88,12 +82,12 @@ def child(backbone: str, loss: str, layout: str, args: argparse.Namespace) -> di
     step()  # warm-up
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
     seconds = time.perf_counter() - start
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     return {"backbone": backbone, "loss": loss, "layout": layout, "images_per_s": b * args.steps / seconds,
             "seconds_per_step": seconds / args.steps, "peak_rss_mib": hwm / 1024,
             "step_peak_mib": (hwm - before) / 1024, "threads": torch.get_num_threads()}

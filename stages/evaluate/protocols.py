@@ -327,8 +327,9 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
         raise ProtocolError(f"{store.directory}: K-means with {k} clusters needs at least {k} images, split "
                             f"{split!r} has {len(sc.ids)} usable ones")
     protos = _prototypes(store, sc.ids)
-    report = KMeansProtocol(n_clusters=k, seeds=tuple(int(s) for s in seeds), pca_dim=pca_dim, n_init=n_init,
-                            use_gpu=use_gpu).run(protos, sc.counts)
+    protocol = KMeansProtocol(n_clusters=k, seeds=tuple(int(s) for s in seeds), pca_dim=pca_dim, n_init=n_init,
+                              use_gpu=use_gpu)
+    report = protocol.run(protos, sc.counts)
     model = _model_file(report.model(), "object", names, store, {"embedding_dim": int(protos.shape[1])})
     atomic_write_json(out_dir / KMEANS_MODEL_FILE, model)
 
@@ -351,8 +352,7 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
     metrics.update(per_class_iou=per_class, classes=names, k=k, n_images=len(sc.ids), model_file=KMEANS_MODEL_FILE,
                    figures=pictures, **_skipped_metrics(sc.skipped))
     if colour_baseline:
-        colour = KMeansProtocol(n_clusters=k, seeds=tuple(int(s) for s in seeds), pca_dim=pca_dim, n_init=n_init,
-                                use_gpu=use_gpu).run(colour_descriptors(store, dataset, sc.ids), sc.counts).metrics()
+        colour = protocol.run(colour_descriptors(store, dataset, sc.ids), sc.counts).metrics()
         metrics["colour_baseline"] = {"miou": colour["miou"], "miou_std": colour["miou_std"],
                                       "descriptor": f"sqrt of the {COLOUR_LEVELS ** 3}-bin RGB histogram in the mask"}
     return metrics
@@ -554,7 +554,7 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     out_dir.mkdir(parents=True, exist_ok=True)
     tr_store, va_store = _open_store(train_store), _open_store(val_store)
     names = _class_names(dataset)
-    c_train = _require_features(tr_store, "linear")[0]
+    c_train, h_feat, w_feat = _require_features(tr_store, "linear")
     c_val = _require_features(va_store, "linear")[0]
     if c_train != c_val:
         raise ProtocolError(f"linear: the train features {tr_store.directory} have {c_train} channels but the val "
@@ -562,7 +562,6 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     train_ids, val_ids = list(train_ids), list(val_ids)
     _require_labels(dataset, train_ids, train_split, "linear")
     _require_labels(dataset, val_ids, val_split, "linear")
-    c_feat, h_feat, w_feat = _require_features(tr_store, "linear")
     import torch  # here, after the checks: importing torch takes seconds
 
     from stages.evaluate.linear import linear_confusion, predict_linear, train_linear_probe
@@ -589,7 +588,7 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     # Every epoch reads every train and val image: keep the decoded features and labels in memory
     # when they fit in LINEAR_CACHE_BYTES (a few hundred MB up to thousands of images), else
     # stream them from the store each epoch (memory then stays flat whatever the dataset size).
-    footprint = sum(h * w + 2 * c_feat * h_feat * w_feat for shapes in (train_shapes, val_shapes)
+    footprint = sum(h * w + 2 * c_train * h_feat * w_feat for shapes in (train_shapes, val_shapes)
                     for h, w in shapes.values())
     cache: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] | None = {} if footprint <= LINEAR_CACHE_BYTES else None
 
