@@ -156,6 +156,10 @@ class LinearConfig:
     momentum: float = opt(0.9, check=in_range(0.0, 1.0))
     weight_decay: float = opt(1e-4, check=in_range(0.0))
     batch_size: int = opt(16, check=in_range(1))
+    # dense CRF (the reference's parameters, stages/evaluate/crf.py) on the last epoch's val
+    # predictions; while false the key stays out of the evaluate parameters, so the versions made
+    # before it existed are unchanged
+    crf: bool = opt(False, doc="also score val after dense-CRF post-processing (the paper's linear + CRF column)")
 
 
 @dataclass(frozen=True)

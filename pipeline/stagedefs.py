@@ -304,6 +304,8 @@ def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
         params["kmeans"] = {**section["kmeans"], "seeds": section["seeds"]}
     if "linear" in cfg.evaluate.protocols:
         params["linear"] = {**section["linear"], "seed": section["seeds"][0]}
+        if not cfg.evaluate.linear.crf:  # off: the parameters the versions had before the key existed
+            del params["linear"]["crf"]
     if "retrieval" in cfg.evaluate.protocols:
         retrieval = dict(section["retrieval"])
         bank = retrieval_bank_split(ctx)
@@ -364,7 +366,8 @@ def _run_evaluate(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any
             lc = ev.linear
             m = P.run_linear(emb / train, val_store, ds, ds.ids(train), val_ids, out, epochs=lc.epochs, lr=lc.lr,
                              lr_drop_epoch=lc.lr_drop_epoch, momentum=lc.momentum, weight_decay=lc.weight_decay,
-                             batch_size=lc.batch_size, seed=ev.seeds[0], train_split=train, val_split=val, **common)
+                             batch_size=lc.batch_size, seed=ev.seeds[0], train_split=train, val_split=val,
+                             crf=lc.crf, **common)
             metrics["linear"] = m
         for name in (protocol, "pixel_kmeans"):
             for caption, file in (metrics.get(name, {}).pop("figures", None) or {}).items():
@@ -376,7 +379,7 @@ def _run_evaluate(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any
     write_report(out, "MaskContrast evaluation report", metrics, context, images)
     summary: dict[str, Any] = {}
     for protocol, m in metrics.items():
-        for key in ("miou", "miou_std", "iou", "max_f", "mean_f", "mae"):
+        for key in ("miou", "miou_std", "miou_crf", "iou", "max_f", "mean_f", "mae"):
             if isinstance(m.get(key), (int, float)):
                 summary[f"{protocol}.{key}"] = round(float(m[key]), 4)
         if isinstance(m.get("colour_baseline"), dict):  # K-means on mask colours: the trivial baseline
@@ -439,7 +442,8 @@ def _compare_runner_params(cfg: Config) -> dict[str, dict[str, Any]]:
         "pixel_kmeans": {"n_clusters": k.pixel_clusters, "matching": k.pixel_matching},
         "retrieval": {"class_subset": None if subset is None else list(subset)},
         "linear": {"epochs": lc.epochs, "lr": lc.lr, "lr_drop_epoch": lc.lr_drop_epoch, "momentum": lc.momentum,
-                   "weight_decay": lc.weight_decay, "batch_size": lc.batch_size},
+                   "weight_decay": lc.weight_decay, "batch_size": lc.batch_size,
+                   **({"crf": True} if lc.crf else {})},  # absent when off: the job keys made before it
     }
 
 

@@ -187,7 +187,7 @@ def _seed_values(job: Job, metrics: Mapping[str, Any]) -> list[tuple[int | None,
     return [(int(seeds[0]) if seeds else job.seed, float(metrics["miou"]))]
 
 
-_EXTRA = ("miou_subset", "miou_best_on_val")  # other headline figures, averaged over a row's jobs
+_EXTRA = ("miou_subset", "miou_best_on_val", "miou_crf")  # other headline figures, averaged over a row's jobs
 
 
 def _table(jobs: Sequence[Job], results: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:

@@ -24,17 +24,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
 from artifacts.atomic import atomic_path, atomic_write_json
 from artifacts.embeddings import EmbeddingStore
 from stages.data import BadInputError, DatasetIndex, load_image, load_label
+from stages.evaluate.crf import CRFError, CRFParams, dense_crf
 from stages.evaluate.figures import confusion_matrix_png, loss_curve_png, per_class_iou_png
 from stages.evaluate.kmeans import (
     VOC_KMEANS_SEEDS,
@@ -45,7 +48,13 @@ from stages.evaluate.kmeans import (
     nearest_indices,
     pixel_kmeans_protocol,
 )
-from stages.evaluate.metrics import MetricsError, SalientClassCounts, remap_confusion, segmentation_scores
+from stages.evaluate.metrics import (
+    MetricsError,
+    SalientClassCounts,
+    confusion_matrix,
+    remap_confusion,
+    segmentation_scores,
+)
 from stages.evaluate.retrieval import retrieval_protocol
 from stages.evaluate.saliency import ProtocolError
 from stages.viz import colorize, contact_sheet, save_png
@@ -540,7 +549,8 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
                val_ids: Sequence[str], out_dir: Path, *, epochs: int = 60, lr: float = 0.1, lr_drop_epoch: int = 25,
                momentum: float = 0.9, weight_decay: float = 1e-4, batch_size: int = 16, seed: int = 0,
                device: str = "auto", train_split: str = "train", val_split: str = "val", progress: bool = True,
-               figures: bool = True, sheet_size: int = SHEET_SIZE) -> dict[str, Any]:
+               figures: bool = True, sheet_size: int = SHEET_SIZE, crf: bool = False,
+               crf_params: CRFParams | None = None) -> dict[str, Any]:
     """Linear probe (1x1 conv on the cached decoder features) trained on the train split, scored
     on val after every epoch.
 
@@ -549,6 +559,13 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     the train features in a seeded order (``np.random.default_rng((seed, epoch))``). Writes the
     loss curve, the last epoch's confusion / per-class IoU / contact sheet and
     ``linear_probe.npz`` (last and best head weights).
+
+    With ``crf`` the last epoch's head scores val a second time, its class probabilities (softmax
+    of the logits upsampled to the label) post-processed by the dense CRF on the image
+    (``crf_params``, default the reference's; the paper's "linear + CRF" column): metrics
+    ``crf`` (``miou``, ``per_class_iou``, ``pixel_accuracy``, ``params``, ``seconds_per_image``,
+    ``n_images``, and ``n_skipped`` / ``skipped``: the val images that could not be read for it)
+    and ``miou_crf``, and the ``linear_crf_*`` pictures.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -564,7 +581,7 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     _require_labels(dataset, val_ids, val_split, "linear")
     import torch  # here, after the checks: importing torch takes seconds
 
-    from stages.evaluate.linear import linear_confusion, predict_linear, train_linear_probe
+    from stages.evaluate.linear import linear_confusion, predict_linear, train_linear_probe, upsampled_logits
 
     try:
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -643,6 +660,51 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
                  best_weight=best["weight"].numpy() if best else np.zeros(0, np.float32),
                  best_bias=best["bias"].numpy() if best else np.zeros(0, np.float32),
                  class_names=np.array(names))
+
+    sheet_ids = _pick(val_ids, sheet_size)
+    crf_scored: dict[str, Any] | None = None
+    if crf:  # after the head is saved: this pass takes about 2 s an image on a CPU core
+        params = CRFParams() if crf_params is None else crf_params
+        crf_conf = np.zeros_like(conf)
+        crf_skipped: dict[str, str] = {}
+        crf_preds: dict[str, np.ndarray] = {}  # the contact sheet's predictions
+        crf_seconds, n_crf = 0.0, 0
+        scored = [i for i in val_ids if f"{val_split}/{i}" not in skipped]
+        for id_ in tqdm(scored, desc="linear + CRF", unit="img", disable=not progress):
+            item = next(stream(va_store, [id_], val_shapes, val_split), None)
+            if item is None:  # its label became unreadable since the probe's passes: now in skipped
+                continue
+            feats, label = item  # (C, f, f), (H, W)
+            try:
+                image = load_image(dataset.sample(id_).image)  # (H', W', 3) uint8
+            except BadInputError as exc:
+                crf_skipped[f"{val_split}/{id_}"] = str(exc)
+                continue
+            if image.shape[:2] != label.shape:
+                image = cv2.resize(image, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
+            with torch.no_grad():
+                logits = upsampled_logits(head, torch.as_tensor(np.asarray(feats, np.float32), device=dev)[None],
+                                          label.shape)  # (1, n_cls, H, W)
+                probs = torch.softmax(logits[0], dim=0).cpu().numpy()
+            start = time.perf_counter()
+            try:
+                pred = dense_crf(image, probs, params).argmax(axis=0)  # (H, W)
+            except CRFError as exc:
+                raise ProtocolError(f"linear + CRF on {dataset.sample(id_).image}: {exc}") from None
+            crf_seconds += time.perf_counter() - start
+            n_crf += 1
+            crf_conf += confusion_matrix(pred, label, len(names), len(names), dataset.ignore_index)
+            if id_ in sheet_ids:
+                crf_preds[id_] = pred.astype(np.uint8)
+        crf_scores = segmentation_scores(crf_conf) if n_crf else None
+        crf_scored = {
+            "miou": 100.0 * crf_scores.miou if crf_scores else None,
+            "per_class_iou": _per_class(names, 100.0 * crf_scores.per_class_iou) if crf_scores else None,
+            "pixel_accuracy": 100.0 * crf_scores.pixel_accuracy if crf_scores else None,
+            "params": params.to_dict(), "seconds_per_image": crf_seconds / max(n_crf, 1), "n_images": n_crf,
+            **_skipped_metrics(crf_skipped),
+        }
+
     per_class = _per_class(names, 100.0 * scores.per_class_iou)
     pictures: dict[str, str] = {}
     if figures:
@@ -651,7 +713,11 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
                        title="linear probe")
         pictures = {"linear probe: training loss and val mIoU": "linear_loss.png",
                     **_figures(out_dir, "linear", "linear probe (last epoch)", names, conf, per_class, dataset,
-                               _pick(val_ids, sheet_size), predict)}
+                               sheet_ids, predict)}
+        if crf_scored is not None and crf_scored["n_images"]:
+            pictures.update(_figures(out_dir, "linear_crf", "linear probe + CRF (last epoch)", names, crf_conf,
+                                     crf_scored["per_class_iou"], dataset, [i for i in sheet_ids if i in crf_preds],
+                                     lambda i, _: crf_preds[i]))
     m = result.metrics()
     best_pc = m.get("per_class_iou_best_on_val")
     metrics: dict[str, Any] = {
@@ -665,5 +731,7 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
         "n_images": sum(f"{val_split}/{i}" not in skipped for i in val_ids),
         "device": str(head.weight.device), "figures": pictures, "head_file": "linear_probe.npz",
     }
+    if crf_scored is not None:
+        metrics.update(crf=crf_scored, miou_crf=crf_scored["miou"])
     metrics.update(_skipped_metrics(skipped))
     return metrics

@@ -318,6 +318,50 @@ def test_linear_probe_streamed_equals_cached(data, tmp_path, monkeypatch):
     assert len(reads) == 3 * (n_train + n_val) + n_val  # every epoch reads both splits again, then the final val pass
 
 
+def test_linear_probe_with_crf_scores_the_post_processed_last_head(data, tmp_path):
+    import torch
+
+    from stages.evaluate.crf import CRFParams, dense_crf
+    from stages.evaluate.linear import head_from_state, upsampled_logits
+
+    bad = data.ids("val")[3]
+    (data.root / "images" / f"{bad}.png").write_bytes(b"not a png")  # unreadable for the CRF pass only
+    out = tmp_path / "lin"
+    params = CRFParams(iterations=3, bilateral_sxy=8.0, bilateral_srgb=20.0)
+    m = run_linear(data.stores["train"], data.stores["val"], data.dataset, data.ids("train"), data.ids("val"), out,
+                   epochs=4, lr=0.1, lr_drop_epoch=3, batch_size=4, seed=3, device="cpu", progress=False,
+                   crf=True, crf_params=params)
+    crf = m["crf"]
+    assert m["n_images"] == len(data.ids("val")) and m["n_skipped"] == 0  # the probe's own score keeps it
+    assert crf["n_images"] == len(data.ids("val")) - 1 and crf["n_skipped"] == 1
+    assert list(crf["skipped"]) == [f"val/{bad}"] and f"{bad}.png" in crf["skipped"][f"val/{bad}"]
+    assert crf["params"] == params.to_dict() and crf["seconds_per_image"] > 0
+    assert m["miou_crf"] == crf["miou"] and set(crf["per_class_iou"]) == set(CLASSES)
+    # independent pass: the saved last head, softmax of its upsampled logits, dense_crf, argmax
+    with np.load(out / "linear_probe.npz") as z:
+        head = head_from_state({"weight": torch.from_numpy(z["weight"]), "bias": torch.from_numpy(z["bias"])})
+    store = EmbeddingStore(data.stores["val"])
+    conf = np.zeros((N_CLS, N_CLS), np.int64)
+    for id_ in data.ids("val"):
+        if id_ == bad:
+            continue
+        label = data.labels[id_]
+        with torch.no_grad():
+            logits = upsampled_logits(head, torch.from_numpy(store.features(id_).astype(np.float32))[None], label.shape)
+        probs = torch.softmax(logits[0], dim=0).numpy()
+        image = np.asarray(Image.open(data.root / "images" / f"{id_}.png").convert("RGB"))
+        conf += confusion_matrix(dense_crf(image, probs, params).argmax(0), label, N_CLS, N_CLS)
+    s = segmentation_scores(conf)
+    assert crf["miou"] == pytest.approx(100 * s.miou) and crf["pixel_accuracy"] == pytest.approx(100 * s.pixel_accuracy)
+    for name in ("linear_crf_confusion.png", "linear_crf_per_class_iou.png", "linear_crf_sheet.png"):
+        _valid_png(out / name)
+        assert name in m["figures"].values()
+    plain = run_linear(data.stores["train"], data.stores["val"], data.dataset, data.ids("train"), data.ids("val"),
+                       tmp_path / "plain", epochs=4, lr=0.1, lr_drop_epoch=3, batch_size=4, seed=3, device="cpu",
+                       progress=False, figures=False)
+    assert "crf" not in plain and "miou_crf" not in plain and plain["miou"] == m["miou"]  # off by default
+
+
 def test_linear_needs_features_with_equal_channels(tmp_path):
     plain = Planted(tmp_path / "plain", features=False)
     with pytest.raises(ProtocolError, match=r"extracted without them.*extract\.features"):
