@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -539,6 +539,53 @@ def run_retrieval(train_store: StoreLike, val_store: StoreLike, dataset: Dataset
     return metrics
 
 
+def _linear_crf_pass(head, samples: Iterable[tuple[str, np.ndarray, np.ndarray]], dataset: DatasetIndex,
+                     names: Sequence[str], params: CRFParams, sheet_ids: set[str], val_split: str, progress: bool,
+                     total: int) -> tuple[dict[str, Any], np.ndarray, dict[str, np.ndarray]]:
+    """Score the probe ``head`` on val samples (id, features (C, f, f), label (H, W)) after the
+    dense CRF: returns the ``crf`` metrics block, its confusion (n_cls, n_cls) and the class maps
+    of the ``sheet_ids`` images. An unreadable image is skipped and listed in the block."""
+    import torch
+
+    from stages.evaluate.linear import upsampled_logits
+
+    n_cls = len(names)
+    conf = np.zeros((n_cls, n_cls), dtype=np.int64)
+    skipped: dict[str, str] = {}
+    preds: dict[str, np.ndarray] = {}
+    seconds, n_done = 0.0, 0
+    for id_, feats, label in tqdm(samples, total=total, desc="linear + CRF", unit="img", disable=not progress):
+        try:
+            image = load_image(dataset.sample(id_).image)  # (H', W', 3) uint8
+        except BadInputError as exc:
+            skipped[f"{val_split}/{id_}"] = str(exc)
+            continue
+        if image.shape[:2] != label.shape:
+            image = cv2.resize(image, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
+        with torch.no_grad():
+            feats_t = torch.as_tensor(np.asarray(feats, np.float32), device=head.weight.device)[None]
+            probs = torch.softmax(upsampled_logits(head, feats_t, label.shape)[0], dim=0).cpu().numpy()  # (C, H, W)
+        start = time.perf_counter()
+        try:
+            pred = dense_crf(image, probs, params).argmax(axis=0)  # (H, W)
+        except CRFError as exc:
+            raise ProtocolError(f"linear + CRF on {dataset.sample(id_).image}: {exc}") from None
+        seconds += time.perf_counter() - start
+        n_done += 1
+        conf += confusion_matrix(pred, label, n_cls, n_cls, dataset.ignore_index)
+        if id_ in sheet_ids:
+            preds[id_] = pred.astype(np.uint8)
+    scores = segmentation_scores(conf) if n_done else None
+    block = {
+        "miou": 100.0 * scores.miou if scores else None,
+        "per_class_iou": _per_class(names, 100.0 * scores.per_class_iou) if scores else None,
+        "pixel_accuracy": 100.0 * scores.pixel_accuracy if scores else None,
+        "params": params.to_dict(), "seconds_per_image": seconds / max(n_done, 1), "n_images": n_done,
+        **_skipped_metrics(skipped),
+    }
+    return block, conf, preds
+
+
 # ----------------------------------------------------------------------------- linear probe
 
 
@@ -581,7 +628,7 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     _require_labels(dataset, val_ids, val_split, "linear")
     import torch  # here, after the checks: importing torch takes seconds
 
-    from stages.evaluate.linear import linear_confusion, predict_linear, train_linear_probe, upsampled_logits
+    from stages.evaluate.linear import linear_confusion, predict_linear, train_linear_probe
 
     try:
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -663,47 +710,13 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
 
     sheet_ids = _pick(val_ids, sheet_size)
     crf_scored: dict[str, Any] | None = None
+    crf_conf, crf_preds = np.zeros_like(conf), {}
     if crf:  # after the head is saved: this pass takes about 2 s an image on a CPU core
-        params = CRFParams() if crf_params is None else crf_params
-        crf_conf = np.zeros_like(conf)
-        crf_skipped: dict[str, str] = {}
-        crf_preds: dict[str, np.ndarray] = {}  # the contact sheet's predictions
-        crf_seconds, n_crf = 0.0, 0
         scored = [i for i in val_ids if f"{val_split}/{i}" not in skipped]
-        for id_ in tqdm(scored, desc="linear + CRF", unit="img", disable=not progress):
-            item = next(stream(va_store, [id_], val_shapes, val_split), None)
-            if item is None:  # its label became unreadable since the probe's passes: now in skipped
-                continue
-            feats, label = item  # (C, f, f), (H, W)
-            try:
-                image = load_image(dataset.sample(id_).image)  # (H', W', 3) uint8
-            except BadInputError as exc:
-                crf_skipped[f"{val_split}/{id_}"] = str(exc)
-                continue
-            if image.shape[:2] != label.shape:
-                image = cv2.resize(image, (label.shape[1], label.shape[0]), interpolation=cv2.INTER_LINEAR)
-            with torch.no_grad():
-                logits = upsampled_logits(head, torch.as_tensor(np.asarray(feats, np.float32), device=dev)[None],
-                                          label.shape)  # (1, n_cls, H, W)
-                probs = torch.softmax(logits[0], dim=0).cpu().numpy()
-            start = time.perf_counter()
-            try:
-                pred = dense_crf(image, probs, params).argmax(axis=0)  # (H, W)
-            except CRFError as exc:
-                raise ProtocolError(f"linear + CRF on {dataset.sample(id_).image}: {exc}") from None
-            crf_seconds += time.perf_counter() - start
-            n_crf += 1
-            crf_conf += confusion_matrix(pred, label, len(names), len(names), dataset.ignore_index)
-            if id_ in sheet_ids:
-                crf_preds[id_] = pred.astype(np.uint8)
-        crf_scores = segmentation_scores(crf_conf) if n_crf else None
-        crf_scored = {
-            "miou": 100.0 * crf_scores.miou if crf_scores else None,
-            "per_class_iou": _per_class(names, 100.0 * crf_scores.per_class_iou) if crf_scores else None,
-            "pixel_accuracy": 100.0 * crf_scores.pixel_accuracy if crf_scores else None,
-            "params": params.to_dict(), "seconds_per_image": crf_seconds / max(n_crf, 1), "n_images": n_crf,
-            **_skipped_metrics(crf_skipped),
-        }
+        crf_scored, crf_conf, crf_preds = _linear_crf_pass(
+            head, ((id_, *item) for id_ in scored for item in stream(va_store, [id_], val_shapes, val_split)),
+            dataset, names, CRFParams() if crf_params is None else crf_params, set(sheet_ids), val_split, progress,
+            total=len(scored))
 
     per_class = _per_class(names, 100.0 * scores.per_class_iou)
     pictures: dict[str, str] = {}
