@@ -9,8 +9,8 @@ store so shared stages are computed once) from ``configs/davis16_mobilenet.yaml`
 - ``bootstrap``: trained on the DeepUSPS-style ``bootstrap`` masks (no human saliency labels; its
   encoder from the same ImageNet weights);
 - ``priors``: trained on the hand-crafted ``priors`` masks;
-- ``model-backbone``: the ``model`` row's network, prototypes from its backbone like ``init``
-  (does training improve the backbone, or only add a head on top of it?).
+- ``model-backbone`` / ``bootstrap-backbone``: that row's network, prototypes from its backbone
+  like ``init`` (does training improve the backbone, or only add a head on top of it?).
 
 and prints one markdown table (K-means mIoU mean ± std over the seeds and its colour baseline,
 linear probe, retrieval, saliency of the masks used, wall time of the row). Rerunning reuses every
@@ -41,6 +41,7 @@ ROWS = {
     "bootstrap": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}"],
     "priors": ["masks.method=priors"],
     "model-backbone": ["extract.embedding=backbone"],
+    "bootstrap-backbone": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}", "extract.embedding=backbone"],
 }
 
 

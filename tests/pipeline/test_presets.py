@@ -177,7 +177,7 @@ def test_davis_preset_sizes_fit_a_small_cpu():
     cfg = load_config(CONFIGS / "davis16_mobilenet.yaml")
     t = cfg.train
     assert (t.backbone, t.init_kind, t.freeze_early) == ("mobilenet_v2", "torchvision", True)
-    assert (t.batch_size, t.queue_size) == (16, 32) and 160 <= t.crop_size <= 224 and 1 <= t.epochs <= 10
+    assert (t.batch_size, t.queue_size) == (16, 32) and 160 <= t.crop_size <= 224 and t.epochs == 40
     assert cfg.data.layout == "folder" and (cfg.data.train_split, cfg.data.val_split) == ("train", "val")
     assert cfg.masks.method == "model" and "saliency" in cfg.evaluate.protocols
 
