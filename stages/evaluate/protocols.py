@@ -709,11 +709,10 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
                  class_names=np.array(names))
 
     sheet_ids = _pick(val_ids, sheet_size)
-    crf_scored: dict[str, Any] | None = None
-    crf_conf, crf_preds = np.zeros_like(conf), {}
+    crf_out = None  # (metrics block, confusion, sheet class maps) of the CRF pass
     if crf:  # after the head is saved: this pass takes about 2 s an image on a CPU core
         scored = [i for i in val_ids if f"{val_split}/{i}" not in skipped]
-        crf_scored, crf_conf, crf_preds = _linear_crf_pass(
+        crf_out = _linear_crf_pass(
             head, ((id_, *item) for id_ in scored for item in stream(va_store, [id_], val_shapes, val_split)),
             dataset, names, CRFParams() if crf_params is None else crf_params, set(sheet_ids), val_split, progress,
             total=len(scored))
@@ -727,9 +726,10 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
         pictures = {"linear probe: training loss and val mIoU": "linear_loss.png",
                     **_figures(out_dir, "linear", "linear probe (last epoch)", names, conf, per_class, dataset,
                                sheet_ids, predict)}
-        if crf_scored is not None and crf_scored["n_images"]:
+        if crf_out is not None and crf_out[0]["n_images"]:
+            block, crf_conf, crf_preds = crf_out
             pictures.update(_figures(out_dir, "linear_crf", "linear probe + CRF (last epoch)", names, crf_conf,
-                                     crf_scored["per_class_iou"], dataset, [i for i in sheet_ids if i in crf_preds],
+                                     block["per_class_iou"], dataset, [i for i in sheet_ids if i in crf_preds],
                                      lambda i, _: crf_preds[i]))
     m = result.metrics()
     best_pc = m.get("per_class_iou_best_on_val")
@@ -744,7 +744,7 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
         "n_images": sum(f"{val_split}/{i}" not in skipped for i in val_ids),
         "device": str(head.weight.device), "figures": pictures, "head_file": "linear_probe.npz",
     }
-    if crf_scored is not None:
-        metrics.update(crf=crf_scored, miou_crf=crf_scored["miou"])
+    if crf_out is not None:
+        metrics.update(crf=crf_out[0], miou_crf=crf_out[0]["miou"])
     metrics.update(_skipped_metrics(skipped))
     return metrics

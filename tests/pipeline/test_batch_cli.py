@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from artifacts.embeddings import EmbeddingRecord, shard_name, write_embedding_shard
 from artifacts.store import ArtifactSpec
@@ -34,29 +33,6 @@ SEEDS = (1, 2)
 SWAPPED_MIOU = 100 * (1 + 240 / 320 + 1 + 160 / 240) / 4
 
 
-def _make_dataset(root: Path) -> dict[str, np.ndarray]:
-    """Folder dataset (train 6, val 9 images of 16 x 20 px; image i holds class 1 + i % 3 in an
-    8 x 10 box, bright on a dark background); returns each image's label map."""
-    rng = np.random.default_rng(0)
-    for sub in ("images", "labels", "splits"):
-        (root / sub).mkdir(parents=True)
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    labels = {}
-    for split, n in (("train", 6), ("val", 9)):
-        ids = [f"{split}{i}" for i in range(n)]
-        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        for i, id_ in enumerate(ids):
-            label = np.zeros((16, 20), np.uint8)
-            y, x = rng.integers(0, 8, 2)
-            label[y:y + 8, x:x + 10] = 1 + i % 3
-            Image.fromarray(label).save(root / "labels" / f"{id_}.png")
-            image = rng.integers(0, 60, (16, 20, 3), dtype=np.uint8)
-            image[label > 0] += 170
-            Image.fromarray(image).save(root / "images" / f"{id_}.png")
-            labels[id_] = label
-    return labels
-
-
 CONFIG = """store: store
 data: {root: data}
 extract: {mask_source: masks}
@@ -69,8 +45,8 @@ dask: {scheduler: synchronous}
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
-    labels = _make_dataset(tmp_path / "data")
+def project(tmp_path, monkeypatch, make_box_dataset):
+    labels = make_box_dataset(tmp_path / "data", CLASSES, {"train": 6, "val": 9})
     (tmp_path / "pipeline.yaml").write_text(CONFIG)
     monkeypatch.chdir(tmp_path)
     return tmp_path, labels

@@ -34,32 +34,14 @@ dask: {scheduler: synchronous}
 """
 
 
-def _make_dataset(root: Path) -> None:
-    """Folder dataset: splits train 6, bank 3, val 6 of 16 x 20 px; image i of a split holds class
-    1 + i % 3 in an 8 x 10 box."""
-    rng = np.random.default_rng(0)
-    for sub in ("images", "labels", "splits"):
-        (root / sub).mkdir(parents=True)
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    for split, n in SPLITS.items():
-        ids = [f"{split}{i}" for i in range(n)]
-        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-        for i, id_ in enumerate(ids):
-            label = np.zeros((16, 20), np.uint8)
-            y, x = rng.integers(0, 8, 2)
-            label[y:y + 8, x:x + 10] = 1 + i % 3
-            Image.fromarray(label).save(root / "labels" / f"{id_}.png")
-            Image.fromarray(rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)).save(root / "images" / f"{id_}.png")
-
-
 @pytest.fixture
-def project(tmp_path, monkeypatch):
+def project(tmp_path, monkeypatch, make_box_dataset):
     """The dataset, the config, and a stand-in extract; returns (project dir, extracted splits)."""
     import stages.evaluate.protocols as protocols
     import stages.extract
     import stages.train
 
-    _make_dataset(tmp_path / "data")
+    make_box_dataset(tmp_path / "data", CLASSES, SPLITS)
     (tmp_path / "pipeline.yaml").write_text(CONFIG)
     monkeypatch.chdir(tmp_path)
     extracted: list[str] = []
