@@ -17,7 +17,7 @@ $(BIN)/maskcontrast: setup.cfg pyproject.toml
 
 setup: $(BIN)/maskcontrast
 
-$(DEMO)/README.txt: | setup
+$(DEMO)/README.txt: stages/data/demo.py | setup  # rewritten when the generator changes
 	$(BIN)/maskcontrast data make-demo $(DEMO)
 
 demo: setup $(DEMO)/README.txt

@@ -93,6 +93,30 @@ class MasksConfig:
             raise ConfigError("masks.method is 'import' but no folder is given", "import_dir")
 
 
+def _crop_scale(v: tuple[float, ...]) -> str | None:
+    if len(v) == 2 and 0.0 < v[0] <= v[1] <= 1.0:
+        return None
+    return "needs [min, max] area fractions with 0 < min <= max <= 1"
+
+
+def _jitter(v: tuple[float, ...]) -> str | None:
+    if len(v) == 4 and min(v) >= 0.0 and v[3] <= 0.5:
+        return None
+    return "needs [brightness, contrast, saturation, hue], all >= 0 and hue <= 0.5"
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """View augmentation (defaults: the reference's). Stronger colour augmentation removes colour
+    as a cue for telling images apart, which matters when training from random weights."""
+    crop_scale: tuple[float, ...] = opt((0.2, 1.0), doc="RandomResizedCrop area range", check=_crop_scale)
+    jitter: tuple[float, ...] = opt((0.4, 0.4, 0.4, 0.1), doc="ColorJitter brightness, contrast, saturation, hue",
+                                    check=_jitter)
+    jitter_p: float = opt(0.8, doc="probability of the colour jitter", check=in_range(0.0, 1.0))
+    gray_p: float = opt(0.2, doc="probability of grayscale", check=in_range(0.0, 1.0))
+    flip_p: float = opt(0.5, doc="probability of a horizontal flip", check=in_range(0.0, 1.0))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     backbone: Literal["resnet50", "resnet18", "mobilenet_v2"] = opt("resnet50", doc="encoder")
@@ -109,6 +133,7 @@ class TrainConfig:
     momentum: float = opt(0.9, check=in_range(0.0, 1.0))
     weight_decay: float = opt(1e-4, check=in_range(0.0))
     crop_size: int = opt(224, check=in_range(16))
+    augment: AugmentConfig = opt(default_factory=AugmentConfig)
     embedding_dim: int = opt(32, check=in_range(1))
     seed: int = opt(0, doc="seed for Python, numpy and torch (recorded in the manifest)")
     amp: Literal["auto", "off", "bf16", "fp16"] = opt("auto", doc="mixed precision on GPU")

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from artifacts.atomic import sha256_file
 from artifacts.store import ArtifactWriter
-from pipeline.config import Config
-from pipeline.configtypes import ConfigError
+from pipeline.config import AugmentConfig, Config
+from pipeline.configtypes import ConfigError, to_plain
 from pipeline.graph import Context, Planned, StageDef, register
 
 if TYPE_CHECKING:
@@ -151,6 +151,8 @@ def _train_params(ctx: Context) -> Mapping[str, Any]:
     if params["init"] != "random":  # the file's content, not its path, determines the result
         params["init"] = {"file": Path(params["init"]).name, "sha256": sha256_file(Path(params["init"]))}
     params["data"] = ctx.data_identity(ctx.cfg.data.train_split)
+    if params["augment"] == to_plain(AugmentConfig()):
+        del params["augment"]  # the reference's: the parameters the versions had before the key existed
     return params
 
 

@@ -2,24 +2,29 @@
 
 Each image shows one foreground object of five classes on a cluttered background:
 
-==============  ===========  ==================================
-class           shape        texture (two colours, ~50 % each)
-==============  ===========  ==================================
+==============  ===========  ====================================
+class           shape        texture (two grey tones, ~50 % each)
+==============  ===========  ====================================
 disk_stripes    disk         parallel stripes
 square_checker  square       checkerboard
 triangle_dots   triangle     dots on a square grid
 ring_spokes     ring         alternating angular sectors
 cross_bullseye  plus sign    concentric circles
-==============  ===========  ==================================
+==============  ===========  ====================================
 
-Colour says nothing about the class: the two colours of every object are drawn from one
-distribution for all classes (and every texture covers about half the object with each colour),
-and the background holds smaller, fainter objects of the same five kinds, low-frequency colour
-noise, a gradient and often a faint full-image texture. So clustering colours does not recover the
-classes; shape and texture do. The object is meant to be found by saliency: it is larger (20-45 %
-of the image side), drawn on top at full opacity with colours chosen to contrast with the
-background under it, and it lies inside the image in 90 % of the samples. Label: the class index
-inside the object, 0 elsewhere (the background objects are background).
+Colour says nothing about the class: every object is painted in two grey tones, a dark and a
+light one, each covering about half of it, so all classes share one colour distribution. The
+background is a gradient between two saturated colours with low-frequency colour noise and a few
+smaller, fainter objects of the same five kinds in random colours. So clustering colours does not
+recover the classes; shape and texture do. The object is meant to be found by saliency: it is
+larger (20-45 % of the image side), drawn on top at full opacity, grey on colour, and it lies inside
+the image in 90 % of the samples. Label: the class index inside the object, 0 elsewhere (the
+background objects are background).
+
+The design keeps the demo learnable from random weights in minutes on a CPU: the texture period is
+a fixed fraction of the object's size, and the object's tones carry no colour that could tell one
+image from another (contrastive training learns whatever tells images apart; here that has to be
+shape and texture).
 
 Files are written to a temporary hidden name and renamed, so an interrupted run leaves only whole
 files behind, and rerunning :func:`make_demo` rewrites everything deterministically from the seed
@@ -47,11 +52,11 @@ _KINDS = len(DEMO_CLASSES) - 1  # object kinds 1..5 (shape + texture); 0 is back
 _EXTENT = 1.25        # bounding half-size of every shape (the triangle's vertices reach 1.2 R)
 _OBJECT_RADIUS = (0.10, 0.225)   # x image side: object extent 20-45 % of the side
 _CLUTTER_RADIUS = (0.035, 0.08)  # x image side: background objects, smaller
-_CLUTTER_COUNT = (4, 10)         # background objects per image, [low, high)
+_CLUTTER_COUNT = (2, 5)          # background objects per image, [low, high)
 _CLUTTER_ALPHA = (0.2, 0.45)     # their opacity: fainter than the object
-_PERIOD = (0.45, 0.7)            # texture period, x R
-_MIN_TEXTURE_CONTRAST = 50.0     # luminance difference of an object's two colours
-_MIN_OBJECT_CONTRAST = 70.0      # RGB distance of the object's mean colour to the background under it
+_PERIOD = 0.55                   # texture period, x R
+_DARK, _LIGHT = (15.0, 60.0), (195.0, 245.0)  # grey levels of the object's two tones
+_BACKGROUND_SATURATION = (0.35, 0.9)  # saturated backgrounds: the grey object stands out by colour
 _INSIDE_PROB = 0.9               # probability that the whole object lies inside the image
 
 _ID = r"demo_\d{5,}"
@@ -141,7 +146,7 @@ def _place(rng: np.random.Generator, kind: int, cx: float, cy: float, r: float, 
 def _paint(canvas: np.ndarray, window, u, v, mask, kind: int, r: float, colours: np.ndarray,
            alpha: float, rng: np.random.Generator) -> None:
     """Blend the textured object (colours: 2 x 3) into ``canvas`` (H x W x 3 float32) under ``mask``."""
-    period = r * rng.uniform(*_PERIOD)
+    period = r * _PERIOD
     pattern = _texture(kind, u, v, period, rng.random(2), int(rng.choice([6, 8, 10])))
     shade = 1.0 + np.float32(rng.uniform(-0.15, 0.15) / r) * u          # h x w linear shading
     colour = np.where(pattern[..., None], colours[0], colours[1]) * shade[..., None]
@@ -151,8 +156,8 @@ def _paint(canvas: np.ndarray, window, u, v, mask, kind: int, r: float, colours:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Gradient + low-frequency colour noise + (often) a faint full-image texture: H x W x 3 float32."""
-    hsv = np.stack([rng.random(2), rng.uniform(0.0, 0.5, 2), rng.uniform(0.2, 0.9, 2)], -1)
+    """Gradient between two saturated colours + low-frequency colour noise: H x W x 3 float32."""
+    hsv = np.stack([rng.random(2), rng.uniform(*_BACKGROUND_SATURATION, 2), rng.uniform(0.2, 0.9, 2)], -1)
     c0, c1 = _hsv_to_rgb(hsv)
     a = rng.uniform(0, 2 * np.pi)
     grid = np.arange(size, dtype=np.float32) - np.float32(size / 2 - 0.5)      # centred pixel coords
@@ -162,16 +167,6 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     noise = rng.normal(0.0, 25.0, (g, g, 3)).astype(np.float32)
     canvas = cv2.resize(noise, (size, size), interpolation=cv2.INTER_LINEAR)
     canvas += c0 + (c1 - c0) * t[..., None]
-    if rng.random() < 0.6:
-        kind = int(rng.integers(1, _KINDS + 1))
-        b = rng.uniform(0, 2 * np.pi)
-        cb, sb = np.float32(np.cos(b)), np.float32(np.sin(b))
-        u = cb * grid[None, :] + sb * grid[:, None]
-        v = cb * grid[:, None] - sb * grid[None, :]
-        pattern = _texture(kind, u, v, size * rng.uniform(0.05, 0.15), rng.random(2),
-                           int(rng.choice([6, 8, 10])))
-        amplitude = np.float32(rng.uniform(6.0, 18.0))
-        canvas += np.where(pattern, amplitude, -amplitude)[..., None]
     return canvas
 
 
@@ -195,8 +190,7 @@ def render_sample(rng: np.random.Generator, cls: int, size: int) -> tuple[np.nda
     margin = _EXTENT * r + 1 if rng.random() < _INSIDE_PROB else 0.5 * r
     cx, cy = rng.uniform(margin, size - margin, 2)
     window, u, v, mask = _place(rng, cls, cx, cy, r, size)
-    under = canvas[window][mask].mean(axis=0)                          # background under the object
-    _paint(canvas, window, u, v, mask, cls, r, _pick_object_colours(rng, under), 1.0, rng)
+    _paint(canvas, window, u, v, mask, cls, r, _object_tones(rng), 1.0, rng)
 
     canvas = cv2.GaussianBlur(canvas, (0, 0), 0.6)                     # camera-like softness
     canvas += np.float32(rng.uniform(2.0, 6.0)) * rng.standard_normal(canvas.shape, dtype=np.float32)
@@ -206,19 +200,10 @@ def render_sample(rng: np.random.Generator, cls: int, size: int) -> tuple[np.nda
     return image, label
 
 
-def _pick_object_colours(rng: np.random.Generator, under: np.ndarray, tries: int = 24) -> np.ndarray:
-    """Two colours (2 x 3) whose texture is visible and whose mean stands out from ``under`` (3,).
-
-    Rejection sampling from the class-independent colour distribution: the first candidate pair
-    meeting both contrasts, else the pair with the best background contrast.
-    """
-    pairs = _object_colours(rng, 2 * tries).reshape(tries, 2, 3)
-    texture_ok = np.abs(_luma(pairs[:, 0]) - _luma(pairs[:, 1])) >= _MIN_TEXTURE_CONTRAST
-    contrast = np.linalg.norm(pairs.mean(axis=1) - under, axis=1)
-    good = texture_ok & (contrast >= _MIN_OBJECT_CONTRAST)
-    if good.any():
-        return pairs[int(np.argmax(good))]
-    return pairs[int(np.argmax(np.where(texture_ok, contrast, contrast - 1e6)))]
+def _object_tones(rng: np.random.Generator) -> np.ndarray:
+    """The salient object's two tones (2 x 3 RGB): a dark and a light grey, in random order."""
+    tones = np.array([[rng.uniform(*_DARK)] * 3, [rng.uniform(*_LIGHT)] * 3], np.float32)
+    return tones if rng.random() < 0.5 else tones[::-1].copy()
 
 
 # -------------------------------------------------------------------- writing
@@ -292,12 +277,12 @@ Layout (folder layout of stages.data):
 Classes (index, name = shape_texture):
 {rows}
 
-Each image holds one salient object (extent 20-45 % of the side) of one class, on a cluttered
-background of smaller, fainter objects of the same kinds, colour noise, a gradient and often a
-faint texture. The class is given by the object's SHAPE and TEXTURE only: its two colours are drawn
-from one distribution for every class, so colour does not identify it. The label is the class
-index inside the object and 0 elsewhere; background objects are labelled 0. Classes are balanced
-within each split.
+Each image holds one salient object (extent 20-45 % of the side) of one class, painted in a dark
+and a light grey, on a background of two saturated colours, colour noise and a few smaller, fainter
+objects of the same kinds in random colours. The class is given by the object's SHAPE and TEXTURE
+only: every object's tones are drawn from one distribution, so colour does not identify it. The
+label is the class index inside the object and 0 elsewhere; background objects are labelled 0.
+Classes are balanced within each split.
 """
 
 

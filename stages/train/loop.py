@@ -93,6 +93,11 @@ LR_POWER = 0.9
 # Parameters that do not change the result: a checkpoint written under other values resumes.
 # (``init`` is compared by the file's sha256, not its path.)
 VOLATILE_PARAMS = ("num_workers", "device", "keep_last")
+_REFERENCE_VIEW = ViewAugment()
+AUGMENT_DEFAULTS: dict[str, Any] = {  # TrainParams.augment keys: the reference's augmentation
+    "crop_scale": list(_REFERENCE_VIEW.scale), "jitter": list(_REFERENCE_VIEW.jitter),
+    "jitter_p": _REFERENCE_VIEW.jitter_p, "gray_p": _REFERENCE_VIEW.gray_p, "flip_p": _REFERENCE_VIEW.flip_p,
+}
 _TORCH_STREAM, _SHUFFLE_STREAM = 11, 12  # derive_seed stream tags
 
 
@@ -103,7 +108,8 @@ class TrainParams:
     ``batch_size`` is the global batch (per process: ``batch_size / world_size``); ``queue_size``
     (K, 0 for no queue) must be a multiple of it. ``amp``: mixed precision on CUDA (``auto``:
     bf16 where supported, else fp16 with a GradScaler); always off on the CPU. ``min_fg``,
-    ``max_fg``, ``redraws``: view-pair acceptance (see ``data``).
+    ``max_fg``, ``redraws``: view-pair acceptance (see ``data``). ``augment``: view augmentation
+    overrides, keys of ``AUGMENT_DEFAULTS`` (missing keys keep the reference's values).
     """
 
     backbone: str = "resnet50"
@@ -129,9 +135,16 @@ class TrainParams:
     min_fg: float = 0.01
     max_fg: float = 0.99
     redraws: int = 3
+    augment: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
+        unknown = sorted(set(self.augment) - set(AUGMENT_DEFAULTS))
+        if unknown:
+            problems.append(f"unknown augment keys {unknown}; expected some of {sorted(AUGMENT_DEFAULTS)}")
+        # every key present, as plain lists: the form stored in checkpoints and compared on resume
+        object.__setattr__(self, "augment", {k: list(v) if isinstance(v, (list, tuple)) else v
+                                             for k, v in {**AUGMENT_DEFAULTS, **self.augment}.items()})
         if self.epochs < 0:
             problems.append(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
@@ -159,6 +172,13 @@ class TrainParams:
             problems.append("crop_size and embedding_dim must be positive")
         if problems:
             raise ValueError("invalid training parameters: " + "; ".join(problems))
+
+
+def view_augment(params: TrainParams) -> ViewAugment:
+    """The per-view augmentation of ``params`` (``augment`` names ``scale`` ``crop_scale``)."""
+    a = params.augment
+    return ViewAugment(crop_size=params.crop_size, scale=tuple(a["crop_scale"]), jitter=tuple(a["jitter"]),
+                       jitter_p=a["jitter_p"], gray_p=a["gray_p"], flip_p=a["flip_p"])
 
 
 class TrainingDiverged(RuntimeError):
@@ -415,7 +435,7 @@ class Trainer:
 
     def _check_resume(self, state: dict, path: Path) -> None:
         mine = dataclasses.asdict(self.params)
-        theirs = state.get("params", {})
+        theirs = {"augment": AUGMENT_DEFAULTS, **state.get("params", {})}  # checkpoints from before the key
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in mine.items()
                 if k not in VOLATILE_PARAMS and k != "init" and theirs.get(k) != v]
         if (theirs.get("init") == "random") != (self.params.init == "random"):
@@ -520,7 +540,7 @@ class Trainer:
                                     info.rank, info.world_size)
         steps_per_epoch = sampler.steps_per_epoch
         total_steps = p.epochs * steps_per_epoch
-        dataset = TwoViewDataset(self.samples, store, p.seed, ViewAugment(crop_size=p.crop_size),
+        dataset = TwoViewDataset(self.samples, store, p.seed, view_augment(p),
                                  p.min_fg, p.max_fg, p.redraws)
         loader = make_loader(dataset, sampler, p.num_workers, device.type == "cuda", p.seed)
         last = total_steps if self.max_steps is None else min(total_steps, self.max_steps)

@@ -116,6 +116,8 @@ def test_voc_presets_are_the_papers_recipe(name, tmp_path):
     assert t.queue_size == 2 * t.batch_size
     assert (t.epochs, t.crop_size, t.temperature, t.key_momentum) == (40, 224, 0.5, 0.999)
     assert (t.lr, t.momentum, t.weight_decay) == (0.004, 0.9, 1e-4)
+    a = t.augment  # the reference's views (not the demo's stronger colour augmentation)
+    assert (a.crop_scale, a.jitter, a.jitter_p, a.gray_p, a.flip_p) == ((0.2, 1.0), (0.4, 0.4, 0.4, 0.1), 0.8, 0.2, 0.5)
     assert t.amp == "off"  # float32 as the reference ("off" unquoted would be YAML's false)
     assert (x.input_size, x.interpolation, x.mask_source, x.embedding, x.features) == (
         512, "bicubic", "model", "head", True)

@@ -22,7 +22,7 @@ from stages.train import CheckpointError, TrainDataError, TrainingDiverged, Trai
 from stages.train import loop
 from stages.train.checkpoint import build_model
 from stages.train.loop import Encoders, key_prototypes, model_config, poly_lr
-from stages.train.data import normalize_images
+from stages.train.data import ViewAugment, normalize_images
 from stages.train.loss import mask_prototypes
 
 TINY = TrainParams(backbone="resnet18", epochs=2, batch_size=4, queue_size=8, crop_size=32, embedding_dim=8,
@@ -89,6 +89,15 @@ def test_params_are_checked() -> None:
         TrainParams(amp="fp8")
     with pytest.raises(ValueError, match="need 0 <= min_fg < max_fg <= 1"):
         TrainParams(min_fg=0.5, max_fg=0.4)
+    with pytest.raises(ValueError, match=r"unknown augment keys \['grey'\]"):
+        TrainParams(augment={"grey": 0.5})
+
+
+def test_augment_overrides_the_references_view_augmentation() -> None:
+    assert loop.view_augment(TrainParams(crop_size=64)) == ViewAugment(crop_size=64)  # all defaults
+    p = TrainParams(crop_size=64, augment={"crop_scale": (0.5, 1.0), "gray_p": 0.8})
+    assert p.augment == {**loop.AUGMENT_DEFAULTS, "crop_scale": [0.5, 1.0], "gray_p": 0.8}  # complete, lists
+    assert loop.view_augment(p) == dataclasses.replace(ViewAugment(crop_size=64), scale=(0.5, 1.0), gray_p=0.8)
 
 
 def test_momentum_update_moves_trained_parameters_only() -> None:
@@ -189,6 +198,12 @@ def test_resume_after_an_interruption_ends_with_the_same_weights_queue_and_log(d
         train(dataclasses.replace(params, lr=0.01), samples, masks, run, progress=False)
     with pytest.raises(CheckpointError, match="written for another list of training images"):
         train(params, samples[1:] + samples[:1], masks, run, progress=False)
+
+    with pytest.raises(CheckpointError, match=r"other training parameters \(augment: "):
+        train(dataclasses.replace(params, augment={"gray_p": 0.8}), samples, masks, run, progress=False)
+    before_the_key = torch.load(run / "checkpoints" / "epoch-0001.pt", map_location="cpu", weights_only=False)
+    del before_the_key["params"]["augment"]  # a checkpoint written before the key existed resumes
+    torch.save(before_the_key, run / "checkpoints" / "epoch-0001.pt")
 
     resumed = train(dataclasses.replace(params, keep_last=1), samples, masks, run, progress=False)
     assert resumed["complete"] and resumed["resumed_from_epoch"] == 1 and resumed["steps"] == 2
