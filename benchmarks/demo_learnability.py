@@ -22,20 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
 from artifacts.masks import MaskStore
 from stages.data.index import DatasetIndex
+from stages.data.io import read_sample
 from stages.train.data import TwoViewDataset, ViewAugment, normalize_images
 from stages.train.loop import TrainParams, build_encoders, train_step
+from stages.train.loss import mask_prototypes
 from stages.train.model import MaskContrastModel
 
 
 def _load(samples) -> tuple[torch.Tensor, np.ndarray]:
-    images = [np.asarray(Image.open(s.image).convert("RGB")) for s in samples]
-    labels = [np.asarray(Image.open(s.label)) for s in samples]
+    """uint8 images N x 3 x H x W and labels N x H x W (one image size, as the demo's)."""
+    images, labels = zip(*(read_sample(s) for s in samples))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), np.stack(labels)
 
 
@@ -47,8 +48,7 @@ def _pooled(net: MaskContrastModel, images: torch.Tensor, labels: np.ndarray) ->
         for i in range(0, len(images), 64):
             x = normalize_images(images[i:i + 64])
             m = torch.from_numpy(labels[i:i + 64] > 0).float()
-            emb = F.normalize(net(x)[0], dim=1)
-            heads.append((emb * m[:, None]).sum((2, 3)) / m.sum((1, 2))[:, None].clamp(min=1))
+            heads.append(mask_prototypes(F.normalize(net(x)[0], dim=1), m)[0])
             b = net.backbone(x)
             mb = F.interpolate(m[:, None], size=b.shape[-2:], mode="area")
             backbones.append((b * mb).sum((2, 3)) / mb.sum((1, 2, 3))[:, None].clamp(min=1e-6))
@@ -140,9 +140,7 @@ def main() -> None:
         q, q_mask, k, k_mask = (torch.stack([it[j] for it in items]).contiguous() for j in range(4))
         if a.supervised:
             y = torch.from_numpy(y_train[[(offset + i) % n for i in range(a.batch)]]).long()
-            emb = F.normalize(enc.model(normalize_images(q))[0], dim=1)
-            m = q_mask.float()
-            pooled = (emb * m[:, None]).sum((2, 3)) / m.sum((1, 2))[:, None].clamp(min=1)
+            pooled, _ = mask_prototypes(F.normalize(enc.model(normalize_images(q))[0], dim=1), q_mask)
             loss = F.cross_entropy(classifier(pooled) * 5, y)
             optimizer.zero_grad()
             loss.backward()

@@ -84,10 +84,6 @@ def _object_colours(rng: np.random.Generator, n: int) -> np.ndarray:
     return _hsv_to_rgb(hsv)
 
 
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-
-
 def _shape_mask(kind: int, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     """Bool mask of shape ``kind`` (1..5) of radius ``r`` in object coordinates (u, v)."""
     if kind == 1:  # disk

@@ -145,6 +145,14 @@ class TrainParams:
         # every key present, as plain lists: the form stored in checkpoints and compared on resume
         object.__setattr__(self, "augment", {k: list(v) if isinstance(v, (list, tuple)) else v
                                              for k, v in {**AUGMENT_DEFAULTS, **self.augment}.items()})
+        a = self.augment
+        if not (len(a["crop_scale"]) == 2 and 0.0 < a["crop_scale"][0] <= a["crop_scale"][1] <= 1.0):
+            problems.append(f"augment crop_scale must be [min, max] with 0 < min <= max <= 1, got {a['crop_scale']}")
+        if not (len(a["jitter"]) == 4 and min(a["jitter"]) >= 0.0 and a["jitter"][3] <= 0.5):
+            problems.append(f"augment jitter must be 4 values >= 0 with hue <= 0.5, got {a['jitter']}")
+        bad_p = [k for k in ("jitter_p", "gray_p", "flip_p") if not 0.0 <= a[k] <= 1.0]
+        if bad_p:
+            problems.append(f"augment probabilities must be in [0, 1]: {', '.join(f'{k}={a[k]}' for k in bad_p)}")
         if self.epochs < 0:
             problems.append(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:

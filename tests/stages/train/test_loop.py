@@ -91,6 +91,10 @@ def test_params_are_checked() -> None:
         TrainParams(min_fg=0.5, max_fg=0.4)
     with pytest.raises(ValueError, match=r"unknown augment keys \['grey'\]"):
         TrainParams(augment={"grey": 0.5})
+    with pytest.raises(ValueError, match=r"augment probabilities must be in \[0, 1\]: gray_p=1.5"):
+        TrainParams(augment={"gray_p": 1.5})
+    with pytest.raises(ValueError, match="augment crop_scale must be"):
+        TrainParams(augment={"crop_scale": [0.6, 0.5]})
 
 
 def test_augment_overrides_the_references_view_augmentation() -> None:
