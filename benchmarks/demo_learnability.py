@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--key-momentum", type=float, default=0.99)
     ap.add_argument("--temperature", type=float, default=0.2)
     ap.add_argument("--crop", type=int, default=96)
+    ap.add_argument("--output-stride", type=int, default=16, choices=(8, 16, 32))
     ap.add_argument("--crop-min", type=float, default=0.5, help="smallest crop area fraction")
     ap.add_argument("--gray", type=float, default=0.8, help="grayscale probability")
     ap.add_argument("--hue", type=float, default=0.5, help="ColorJitter hue")
@@ -113,8 +114,8 @@ def main() -> None:
     aug = ViewAugment(crop_size=a.crop, gray_p=a.gray, scale=(a.crop_min, 1.0), jitter=(0.4, 0.4, 0.4, a.hue))
     views = TwoViewDataset(train, masks, seed=0, aug=aug)
     params = TrainParams(backbone=a.backbone, lr=a.lr, key_momentum=a.key_momentum, queue_size=a.queue,
-                         batch_size=a.batch, output_stride=16, crop_size=a.crop)
-    enc = build_encoders(MaskContrastModel(a.backbone, 16, 32), params, torch.device("cpu"))
+                         batch_size=a.batch, output_stride=a.output_stride, crop_size=a.crop)
+    enc = build_encoders(MaskContrastModel(a.backbone, a.output_stride, 32), params, torch.device("cpu"))
     classifier = torch.nn.Linear(32, n_classes + 1)
     optimizer = torch.optim.SGD(list(enc.model.parameters()) + list(classifier.parameters()), lr=a.lr,
                                 momentum=0.9, weight_decay=1e-4)

@@ -17,14 +17,18 @@ light one, each covering about half of it, so all classes share one colour distr
 background is a gradient between two saturated colours with low-frequency colour noise and a few
 smaller, fainter objects of the same five kinds in random colours. So clustering colours does not
 recover the classes; shape and texture do. The object is meant to be found by saliency: it is
-larger (20-45 % of the image side), drawn on top at full opacity, grey on colour, and it lies inside
-the image in 90 % of the samples. Label: the class index inside the object, 0 elsewhere (the
+larger (26-38 % of the image side), drawn on top at full opacity, grey on colour, and it lies inside
+the image. Label: the class index inside the object, 0 elsewhere (the
 background objects are background).
 
-The design keeps the demo learnable from random weights in minutes on a CPU: the texture period is
-a fixed fraction of the object's size, and the object's tones carry no colour that could tell one
-image from another (contrastive training learns whatever tells images apart; here that has to be
-shape and texture).
+The design keeps the demo learnable from random weights in minutes on a CPU. Contrastive training
+learns whatever tells one image from another after the view augmentation, so within a class the
+objects vary little in what the views keep: the texture period is a fixed fraction of the object's
+size, the size varies by less than 1.5x (about what a crop's rescaling covers), the object stands
+upright (within +-14 degrees, as photographed objects mostly do; views do not rotate, so free
+rotation told instances apart better than class did), and its grey tones carry no colour. The
+background is calm enough (faint clutter, gentle colour noise) for the weight-free ``priors``
+saliency to find the object: poor training masks halved what the embedding learnt.
 
 Files are written to a temporary hidden name and renamed, so an interrupted run leaves only whole
 files behind, and rerunning :func:`make_demo` rewrites everything deterministically from the seed
@@ -50,14 +54,16 @@ _KINDS = len(DEMO_CLASSES) - 1  # object kinds 1..5 (shape + texture); 0 is back
 
 # Geometry, in units of the object's radius R (half its extent).
 _EXTENT = 1.25        # bounding half-size of every shape (the triangle's vertices reach 1.2 R)
-_OBJECT_RADIUS = (0.10, 0.225)   # x image side: object extent 20-45 % of the side
+_OBJECT_RADIUS = (0.13, 0.19)    # x image side: object extent 26-38 % of the side
 _CLUTTER_RADIUS = (0.035, 0.08)  # x image side: background objects, smaller
 _CLUTTER_COUNT = (2, 5)          # background objects per image, [low, high)
-_CLUTTER_ALPHA = (0.2, 0.45)     # their opacity: fainter than the object
+_CLUTTER_ALPHA = (0.15, 0.3)     # their opacity: fainter than the object
 _PERIOD = 0.55                   # texture period, x R
 _DARK, _LIGHT = (15.0, 60.0), (195.0, 245.0)  # grey levels of the object's two tones
 _BACKGROUND_SATURATION = (0.35, 0.9)  # saturated backgrounds: the grey object stands out by colour
-_INSIDE_PROB = 0.9               # probability that the whole object lies inside the image
+_UPRIGHT = 0.25                  # the object's rotation is within +-this (radians); clutter: any
+_BACKGROUND_VALUE = (0.35, 0.8)  # HSV value of the gradient's colours: both grey tones stand out
+_BACKGROUND_NOISE = 10.0         # std of the low-frequency colour noise (grey levels)
 
 _ID = r"demo_\d{5,}"
 _TMP = re.compile(r"\..+\.tmp")
@@ -126,14 +132,16 @@ def _texture(kind: int, u: np.ndarray, v: np.ndarray, period: float, phase: np.n
     raise ValueError(f"unknown object kind {kind}")
 
 
-def _place(rng: np.random.Generator, kind: int, cx: float, cy: float, r: float, size: int):
-    """Pixel window of a shape, its (u, v) object coordinates there (h x w float32) and its mask."""
+def _place(rng: np.random.Generator, kind: int, cx: float, cy: float, r: float, size: int,
+           max_rotation: float = np.pi):
+    """Pixel window of a shape rotated by up to +-``max_rotation``, its (u, v) object coordinates
+    there (h x w float32) and its mask."""
     half = _EXTENT * r
     x0, x1 = max(0, int(cx - half)), min(size, int(np.ceil(cx + half)) + 1)
     y0, y1 = max(0, int(cy - half)), min(size, int(np.ceil(cy + half)) + 1)
     dx = np.arange(x0, x1, dtype=np.float32)[None, :] + np.float32(0.5 - cx)   # 1 x w
     dy = np.arange(y0, y1, dtype=np.float32)[:, None] + np.float32(0.5 - cy)   # h x 1
-    theta = rng.uniform(0, 2 * np.pi)
+    theta = rng.uniform(-max_rotation, max_rotation)
     c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
     u, v = c * dx + s * dy, c * dy - s * dx                                     # h x w each
     return (slice(y0, y1), slice(x0, x1)), u, v, _shape_mask(kind, u, v, r)
@@ -153,14 +161,14 @@ def _paint(canvas: np.ndarray, window, u, v, mask, kind: int, r: float, colours:
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Gradient between two saturated colours + low-frequency colour noise: H x W x 3 float32."""
-    hsv = np.stack([rng.random(2), rng.uniform(*_BACKGROUND_SATURATION, 2), rng.uniform(0.2, 0.9, 2)], -1)
+    hsv = np.stack([rng.random(2), rng.uniform(*_BACKGROUND_SATURATION, 2), rng.uniform(*_BACKGROUND_VALUE, 2)], -1)
     c0, c1 = _hsv_to_rgb(hsv)
     a = rng.uniform(0, 2 * np.pi)
     grid = np.arange(size, dtype=np.float32) - np.float32(size / 2 - 0.5)      # centred pixel coords
     t = np.float32(np.cos(a)) * grid[None, :] + np.float32(np.sin(a)) * grid[:, None]
     t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)                     # H x W in [0, 1]
     g = int(rng.integers(3, 6))
-    noise = rng.normal(0.0, 25.0, (g, g, 3)).astype(np.float32)
+    noise = rng.normal(0.0, _BACKGROUND_NOISE, (g, g, 3)).astype(np.float32)
     canvas = cv2.resize(noise, (size, size), interpolation=cv2.INTER_LINEAR)
     canvas += c0 + (c1 - c0) * t[..., None]
     return canvas
@@ -183,9 +191,9 @@ def render_sample(rng: np.random.Generator, cls: int, size: int) -> tuple[np.nda
         _paint(canvas, window, u, v, mask, int(kinds[k]), radii[k], colours[k], alphas[k], rng)
 
     r = size * rng.uniform(*_OBJECT_RADIUS)
-    margin = _EXTENT * r + 1 if rng.random() < _INSIDE_PROB else 0.5 * r
+    margin = _EXTENT * r + 1
     cx, cy = rng.uniform(margin, size - margin, 2)
-    window, u, v, mask = _place(rng, cls, cx, cy, r, size)
+    window, u, v, mask = _place(rng, cls, cx, cy, r, size, max_rotation=_UPRIGHT)
     _paint(canvas, window, u, v, mask, cls, r, _object_tones(rng), 1.0, rng)
 
     canvas = cv2.GaussianBlur(canvas, (0, 0), 0.6)                     # camera-like softness
@@ -273,9 +281,9 @@ Layout (folder layout of stages.data):
 Classes (index, name = shape_texture):
 {rows}
 
-Each image holds one salient object (extent 20-45 % of the side) of one class, painted in a dark
-and a light grey, on a background of two saturated colours, colour noise and a few smaller, fainter
-objects of the same kinds in random colours. The class is given by the object's SHAPE and TEXTURE
+Each image holds one salient, upright object (extent 26-38 % of the side) of one class, painted in
+a dark and a light grey, on a background of two saturated colours, colour noise and a few smaller,
+fainter objects of the same kinds in random colours. The class is given by the object's SHAPE and TEXTURE
 only: every object's tones are drawn from one distribution, so colour does not identify it. The
 label is the class index inside the object and 0 elsewhere; background objects are labelled 0.
 Classes are balanced within each split.

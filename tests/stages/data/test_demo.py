@@ -99,8 +99,20 @@ def test_shape_determines_class(demo: DatasetIndex) -> None:
 
 def test_object_is_salient(stats: dict[str, np.ndarray]) -> None:
     assert np.median(stats["contrast"]) > 50        # stands out from what surrounds it
-    assert 0.03 < np.median(stats["area"]) < 0.12    # 20-45 % of the side, shape-dependent fill
-    assert stats["border"].mean() < 0.2              # mostly inside the image
+    assert 0.04 < np.median(stats["area"]) < 0.1     # 26-38 % of the side, shape-dependent fill
+    assert not stats["border"].any()                 # inside the image
+
+
+def test_object_is_upright(demo: DatasetIndex) -> None:
+    """Squares stand within +-15 degrees of axis-aligned (free rotation told instances apart)."""
+    angles = []
+    for s in demo.samples():
+        label = load_label(s.label)
+        if label.max() == DEMO_CLASSES.index("square_checker"):
+            points = cv2.findNonZero((label > 0).astype(np.uint8))
+            angle = cv2.minAreaRect(points)[2] % 90.0
+            angles.append(min(angle, 90.0 - angle))
+    assert len(angles) == 30 and max(angles) < 15.0
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:

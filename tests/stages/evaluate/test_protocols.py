@@ -24,6 +24,7 @@ from stages.evaluate.protocols import (
     class_counts,
     colour_descriptors,
     run_kmeans,
+    whitening_note,
     run_linear,
     run_pixel_kmeans,
     run_retrieval,
@@ -172,6 +173,13 @@ def test_kmeans_planted_prototypes_recover_classes(tmp_path):
     assert set(m["per_class_iou"]) == set(CLASSES)
     assert all(v == pytest.approx(100.0) for v in m["per_class_iou"].values())
     assert m["figures"] == {} and not list(out.glob("*.png"))
+    assert "note" not in m  # 3 planted classes: whitened to their rank, not to pca_dim 32
+
+
+def test_kmeans_notes_whitening_too_many_directions():
+    assert whitening_note(1449, 32) is None and whitening_note(116, 16) is None and whitening_note(116, None) is None
+    note = whitening_note(116, 32)
+    assert "32 directions from 116 prototypes" in note and "pca_dim <= 19" in note
 
 
 def test_colour_baseline_clusters_mask_colours(tmp_path):
