@@ -18,8 +18,8 @@ background is a gradient between two saturated colours with low-frequency colour
 smaller, fainter objects of the same five kinds in random colours. So clustering colours does not
 recover the classes; shape and texture do. The object is meant to be found by saliency: it is
 larger (26-38 % of the image side), drawn on top at full opacity, grey on colour, and it lies inside
-the image. Label: the class index inside the object, 0 elsewhere (the
-background objects are background).
+the image. Label: the class index inside the object, 0 elsewhere (the background objects are
+background).
 
 The design keeps the demo learnable from random weights in minutes on a CPU. Contrastive training
 learns whatever tells one image from another after the view augmentation, so within a class the
@@ -161,7 +161,8 @@ def _paint(canvas: np.ndarray, window, u, v, mask, kind: int, r: float, colours:
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Gradient between two saturated colours + low-frequency colour noise: H x W x 3 float32."""
-    hsv = np.stack([rng.random(2), rng.uniform(*_BACKGROUND_SATURATION, 2), rng.uniform(*_BACKGROUND_VALUE, 2)], -1)
+    hsv = np.stack([rng.random(2), rng.uniform(*_BACKGROUND_SATURATION, 2), rng.uniform(*_BACKGROUND_VALUE, 2)],
+                   -1)
     c0, c1 = _hsv_to_rgb(hsv)
     a = rng.uniform(0, 2 * np.pi)
     grid = np.arange(size, dtype=np.float32) - np.float32(size / 2 - 0.5)      # centred pixel coords
@@ -283,9 +284,9 @@ Classes (index, name = shape_texture):
 
 Each image holds one salient, upright object (extent 26-38 % of the side) of one class, painted in
 a dark and a light grey, on a background of two saturated colours, colour noise and a few smaller,
-fainter objects of the same kinds in random colours. The class is given by the object's SHAPE and TEXTURE
-only: every object's tones are drawn from one distribution, so colour does not identify it. The
-label is the class index inside the object and 0 elsewhere; background objects are labelled 0.
+fainter objects of the same kinds in random colours. The class is given by the object's SHAPE and
+TEXTURE only: every object's tones are drawn from one distribution, so colour does not identify it.
+The label is the class index inside the object and 0 elsewhere; background objects are labelled 0.
 Classes are balanced within each split.
 """
 

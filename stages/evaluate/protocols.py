@@ -292,11 +292,12 @@ COLOUR_LEVELS = 4  # per RGB channel: a 64-bin joint colour histogram
 PROTOTYPES_PER_WHITENED_DIM = 6
 
 
-def whitening_note(n_prototypes: int, pca_dim: int | None) -> str | None:
-    """A warning for the report when ``pca_dim`` is large for ``n_prototypes``, else None."""
-    if pca_dim is None or n_prototypes >= PROTOTYPES_PER_WHITENED_DIM * pca_dim:
+def whitening_note(n_prototypes: int, whitened_dim: int | None) -> str | None:
+    """A warning for the K-means report when ``whitened_dim`` (the directions PCA kept, None: no
+    PCA) is large for ``n_prototypes``, else None."""
+    if whitened_dim is None or n_prototypes >= PROTOTYPES_PER_WHITENED_DIM * whitened_dim:
         return None
-    return (f"PCA whitening of {pca_dim} directions from {n_prototypes} prototypes (under "
+    return (f"PCA whitening of {whitened_dim} directions from {n_prototypes} prototypes (under "
             f"{PROTOTYPES_PER_WHITENED_DIM} per direction) scales noise directions up to the signal's; "
             f"consider evaluate.kmeans.pca_dim <= {max(1, n_prototypes // PROTOTYPES_PER_WHITENED_DIM)}")
 
