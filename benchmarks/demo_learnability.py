@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
 
 from artifacts.masks import MaskStore
 from stages.data.index import DatasetIndex
 from stages.data.io import read_sample
+from stages.evaluate.kmeans import kmeans
+from stages.extract.extract import backbone_prototypes
 from stages.train.data import TwoViewDataset, ViewAugment, normalize_images
 from stages.train.loop import TrainParams, build_encoders, train_step
 from stages.train.loss import mask_prototypes
@@ -49,9 +50,7 @@ def _pooled(net: MaskContrastModel, images: torch.Tensor, labels: np.ndarray) ->
             x = normalize_images(images[i:i + 64])
             m = torch.from_numpy(labels[i:i + 64] > 0).float()
             heads.append(mask_prototypes(F.normalize(net(x)[0], dim=1), m)[0])
-            b = net.backbone(x)
-            mb = F.interpolate(m[:, None], size=b.shape[-2:], mode="area")
-            backbones.append((b * mb).sum((2, 3)) / mb.sum((1, 2, 3))[:, None].clamp(min=1e-6))
+            backbones.append(backbone_prototypes(net.backbone(x), m > 0)[0])
     net.train()
     return torch.cat(heads).numpy(), torch.cat(backbones).numpy()
 
@@ -66,7 +65,7 @@ def _scores(f_train, f_val, y_train, y_val, n_classes: int) -> tuple[float, floa
     knn = np.mean([np.bincount(y_train[r]).argmax() == y for r, y in zip(nearest, y_val)])
     accs = []
     for seed in range(3):
-        clusters = KMeans(n_classes, n_init=3, random_state=seed).fit_predict(b)
+        clusters = kmeans(np.ascontiguousarray(b, np.float32), n_classes, seed, n_init=3).assignment
         counts = np.zeros((n_classes, n_classes))
         np.add.at(counts, (clusters, y_val - 1), 1)
         rows, cols = linear_sum_assignment(-counts)

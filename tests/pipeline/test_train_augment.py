@@ -52,3 +52,13 @@ def test_bad_augment_names_the_key(project, override, message):
     with pytest.raises(ConfigError, match=message) as info:
         _train(override)
     assert override.split("=")[0] in str(info.value)
+
+
+def test_config_defaults_are_the_trainers_reference():
+    """The version drops ``augment`` when it equals AugmentConfig(): that must be what training
+    takes as the reference, or a changed default would reuse old versions for new views."""
+    from pipeline.config import AugmentConfig
+    from pipeline.configtypes import to_plain
+    from stages.train.loop import AUGMENT_DEFAULTS
+
+    assert to_plain(AugmentConfig()) == AUGMENT_DEFAULTS

@@ -24,10 +24,10 @@ from stages.evaluate.protocols import (
     class_counts,
     colour_descriptors,
     run_kmeans,
-    whitening_note,
     run_linear,
     run_pixel_kmeans,
     run_retrieval,
+    whitening_note,
 )
 from stages.evaluate import protocols
 from stages.evaluate.report import write_metrics, write_report
