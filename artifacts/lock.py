@@ -1,17 +1,36 @@
-"""A lock file per artifact version, so two processes never write the same directory.
+"""A lock per artifact version, held by the kernel, so two processes never write the same directory.
 
-The lock is created with ``O_CREAT | O_EXCL`` and holds the writer's pid, host and process start
-time. A lock whose holder is provably dead (same host, and the pid is gone or now belongs to a
-process that started later) is stale: it is broken with a warning, because a killed run must be
-resumable by simply running it again. A lock held by a live process, or by a process on another
-host (which cannot be checked from here), is an error naming the holder; ``force=True`` breaks it.
+The lock is ``fcntl.flock(LOCK_EX)`` on the version's ``.lock`` file. The kernel gives it to one
+open file at a time and drops it when its holder exits, however it exits (SIGKILL included), so
+there is nothing stale to detect or break on this host: a killed run is resumed by running it
+again. The file's content, the owner record (pid, host, process start time, time, command), is
+written by the holder once it holds the lock and serves messages only ("being written by pid N on
+host H"); the lock itself never depends on it.
+
+Network file systems. NFSv4 (and NFSv3 with lockd) pass flock locks to the server, so writers on
+two hosts exclude each other. Some mounts keep flock local to each host (``local_lock=flock``,
+``nolock``, Lustre with ``localflock``, some CIFS set-ups): there a writer on another host is
+invisible to the kernel. The owner record covers that case: a record from another host that its
+holder did not clear (a clean release removes the file) means that host may still be writing, and
+the lock is refused with a message naming it unless ``force=True`` (``--force``: the user states
+that process is gone). A crash on another host therefore needs ``--force`` once; a crash on this
+host never does. ``force`` cannot take a lock the kernel says is held.
+
+Release removes the file only while holding the lock and only if the record is still this
+owner's, so it never deletes another writer's lock. A lock is inherited by children made with
+``fork`` that keep the descriptor (flock locks belong to the open file), so a forked helper that
+outlives its parent keeps the version locked until it exits.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
+import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +38,13 @@ from typing import Any
 
 class LockError(RuntimeError):
     """Another writer holds the version; the message names it."""
+
+
+#: How long ``acquire`` keeps trying when the lock is busy: a reader probing the lock
+#: (``holder_alive``) holds it shared for microseconds, which must not fail a writer.
+BUSY_RETRY_SECONDS = 0.5
+#: How long a loser waits for the winner's owner record to appear before naming it unknown.
+RECORD_WAIT_SECONDS = 0.5
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -33,95 +59,186 @@ def _proc_start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _pid_alive(pid: int) -> bool:
+def _read_record(fd: int) -> dict[str, Any] | None:
+    """The owner record in an open lock file: None when empty, ``{"corrupt": True}`` when unparseable."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        data = os.pread(fd, 1 << 16, 0)
+    except OSError:
+        return {"corrupt": True}
+    if not data.strip():
+        return None
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {"corrupt": True}
+    return record if isinstance(record, dict) else {"corrupt": True}
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
         return True
-    return True
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
 
 
 class VersionLock:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._held = False
+        self._fd: int | None = None
+        self._token: str | None = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    # -- reading (any process) ---------------------------------------------------------------------
     def holder(self) -> dict[str, Any] | None:
+        """The owner record on disk (None without a lock file or record). For messages only:
+        a record whose writer died stays until the next writer replaces it."""
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                return json.load(fh)
+            fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        except (OSError, json.JSONDecodeError):
+        except OSError:
             return {"pid": None, "host": None, "corrupt": True}
+        try:
+            return _read_record(fd)
+        finally:
+            os.close(fd)
 
     def holder_alive(self) -> bool:
-        """True when the lock exists and its holder may still be running."""
-        holder = self.holder()
-        if holder is None:
+        """True when a writer may be running: the kernel says the lock is held, or a record from
+        another host was never cleared (its kernel lock may be invisible from here)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
             return False
-        return not self._is_stale(holder)
+        try:
+            if not _try_flock(fd, fcntl.LOCK_SH):
+                return True
+            try:
+                record = _read_record(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            return bool(record and not record.get("corrupt") and record.get("host") != socket.gethostname())
+        finally:
+            os.close(fd)
 
     @staticmethod
-    def _is_stale(holder: dict[str, Any]) -> bool:
-        if holder.get("corrupt"):
-            return True
-        if holder.get("host") != socket.gethostname():
-            return False  # cannot check another host's processes
-        pid = holder.get("pid")
-        if not isinstance(pid, int) or not _pid_alive(pid):
-            return True
-        started = holder.get("proc_start")
-        return started is not None and _proc_start_time(pid) not in (None, started)
+    def describe(holder: dict[str, Any] | None) -> str:
+        if not holder or holder.get("corrupt"):
+            return "another process (no owner record yet)"
+        text = f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+        if holder.get("command"):
+            text += f" ({holder['command']})"
+        return text
+
+    # -- writing (the one holder) ------------------------------------------------------------------
+    def acquire(self, *, force: bool = False, break_stale: bool = True) -> None:
+        """Take the lock or raise LockError naming the holder. ``break_stale`` is accepted for
+        compatibility: the kernel frees a dead holder's lock, so there is nothing stale to break."""
+        del break_stale
+        if self._fd is not None:
+            raise LockError(f"{self.path}: already held by this process")
+        deadline = time.monotonic() + BUSY_RETRY_SECONDS
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError as exc:
+                raise LockError(f"{self.path.parent} was removed while its lock was being taken") from exc
+            try:
+                if not _try_flock(fd, fcntl.LOCK_EX):
+                    if time.monotonic() < deadline:
+                        os.close(fd)
+                        time.sleep(0.02)
+                        continue
+                    holder = self._wait_for_record(fd)
+                    raise LockError(f"{self.path.parent} is being written by {self.describe(holder)}"
+                                    f"{self._same_process_hint(holder)}")
+                # Locked; but the file may have been released and unlinked (then recreated by a
+                # third process) between our open and our flock: lock the file the path names.
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                self._take(fd, force)
+                return
+            except BaseException:
+                if self._fd != fd:
+                    os.close(fd)
+                raise
+
+    def _wait_for_record(self, fd: int) -> dict[str, Any] | None:
+        """The holder writes its record just after locking: give it a moment to appear."""
+        end = time.monotonic() + RECORD_WAIT_SECONDS
+        record = _read_record(fd)
+        while (record is None or record.get("corrupt")) and time.monotonic() < end:
+            time.sleep(0.02)
+            record = _read_record(fd)
+        return record
 
     @staticmethod
-    def describe(holder: dict[str, Any]) -> str:
-        return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+    def _same_process_hint(holder: dict[str, Any] | None) -> str:
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            return " (already held by this process)"
+        return ""
 
-    def acquire(self, *, break_stale: bool = True, force: bool = False) -> None:
-        me = {
+    def _take(self, fd: int, force: bool) -> None:
+        previous = _read_record(fd)
+        me = socket.gethostname()
+        if previous and not previous.get("corrupt"):
+            if previous.get("host") != me:
+                if not force:
+                    raise LockError(
+                        f"{self.path.parent} is recorded as being written by {self.describe(previous)}; "
+                        "that host's lock may be invisible from here (network file system), so it is not "
+                        "taken silently: if that process is gone, rerun with --force")
+                warnings.warn(f"breaking lock {self.path} recorded by {self.describe(previous)} (forced)",
+                              stacklevel=4)
+            else:
+                warnings.warn(f"taking over the stale lock {self.path} of {self.describe(previous)}, "
+                              "which exited without releasing it", stacklevel=4)
+        self._token = uuid.uuid4().hex
+        record = {
             "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "host": me,
             "proc_start": _proc_start_time(os.getpid()),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
+            "token": self._token,
         }
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.holder()
-                if holder is None:
-                    continue  # released between our open and read: try again
-                if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                    raise LockError(f"{self.path}: already held by this process")
-                stale = self._is_stale(holder)
-                if force or (stale and break_stale):
-                    why = "stale" if stale else "forced"
-                    warnings.warn(f"breaking {why} lock {self.path} held by {self.describe(holder)}", stacklevel=3)
-                    try:
-                        self.path.unlink()
-                    except FileNotFoundError:
-                        pass
-                    continue
-                hint = "" if stale else "; if that process is gone (e.g. it ran on another host), rerun with --force"
-                raise LockError(f"{self.path.parent} is being written by {self.describe(holder)}{hint}")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(me, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._held = True
-            return
-        raise LockError(f"{self.path}: could not acquire the lock (contended)")
+        data = json.dumps(record).encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        self._fd = fd
 
     def release(self) -> None:
-        if self._held:
+        """Remove the lock file (only while holding it, only if the record is still ours) and unlock."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            record = _read_record(fd)
+            ours = bool(record) and record.get("token") == self._token
             try:
-                self.path.unlink()
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
-                pass
-            self._held = False
+                same = False
+            if ours and same:
+                self.path.unlink(missing_ok=True)
+            elif same:
+                warnings.warn(f"{self.path}: the lock record is no longer this process's "
+                              f"({self.describe(record)}); leaving it", stacklevel=2)
+        finally:
+            os.close(fd)  # closing the last descriptor drops the kernel lock
+            self._token = None
 
     def __enter__(self) -> "VersionLock":
         self.acquire()

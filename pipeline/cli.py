@@ -140,7 +140,7 @@ def _stage_choice():
 @cli.command()
 @click.option("--from", "start", type=_stage_choice(), default=None, help="first stage to run")
 @click.option("--to", "stop", type=_stage_choice(), default=None, help="last stage to run")
-@click.option("--force", is_flag=True, help="recompute the selected stages from scratch (and break foreign locks)")
+@click.option("--force", is_flag=True, help="recompute the selected stages from scratch (and take over a lock recorded by another host)")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="dask scheduler (tcp://host:port) for fan-out; 'synchronous' runs in-process")
 @pass_state
@@ -197,7 +197,7 @@ def _stage_command_body(state: State, name: str, force: bool, scheduler: str | N
 
 
 def _stage_command(name: str, help_text: str):
-    @click.option("--force", is_flag=True, help="recompute this stage from scratch (and break foreign locks)")
+    @click.option("--force", is_flag=True, help="recompute this stage from scratch (and take over a lock recorded by another host)")
     @click.option("--scheduler", default=None, metavar="ADDRESS",
                   help="dask scheduler (tcp://host:port); 'synchronous' runs in-process")
     @pass_state

@@ -1,9 +1,9 @@
 """Run planned stages against the store: skip what is complete, continue what is partial.
 
 ``--force`` recomputes a stage from scratch (its version directory is cleared first; the version
-name is unchanged because the inputs and parameters are) and breaks a lock left by a process on
-another host. A lock left by a dead process on this host is broken without asking, so rerunning
-after a crash or a kill simply continues.
+name is unchanged because the inputs and parameters are) and takes over a lock recorded by a
+process on another host (see ``artifacts.lock``). The kernel frees the lock of a dead process, so
+rerunning after a crash or a kill simply continues.
 """
 from __future__ import annotations
 

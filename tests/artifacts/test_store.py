@@ -164,12 +164,101 @@ def test_sigkill_mid_write_leaves_readable_partial_and_resumes(tmp_path):
     assert store.info("masks", spec().version).state == COMPLETE
 
 
+def _hold_lock(path, ready, stop):
+    lock = VersionLock(path)
+    lock.acquire()
+    ready.set()
+    stop.wait(60)
+    lock.release()
+
+
 def test_lock_held_by_live_process_fails_fast_naming_holder(tmp_path):
+    ctx = mp.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(tmp_path / ".lock", ready, stop))
+    p.start()
+    try:
+        assert ready.wait(30)
+        t0 = time.monotonic()
+        with pytest.raises(LockError, match=f"being written by pid {p.pid} on host {socket.gethostname()}"):
+            VersionLock(tmp_path / ".lock").acquire()
+        assert time.monotonic() - t0 < 5
+        assert VersionLock(tmp_path / ".lock").holder_alive()
+        with pytest.raises(LockError, match=f"pid {p.pid}"):  # --force cannot take a lock the kernel holds
+            VersionLock(tmp_path / ".lock").acquire(force=True)
+    finally:
+        stop.set()
+        p.join(30)
+    assert not (tmp_path / ".lock").exists()  # released cleanly: the holder removed its file
+
+
+def test_sigkilled_holder_frees_the_version_at_once(tmp_path):
+    ctx = mp.get_context("fork")
+    ready, stop = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_lock, args=(tmp_path / ".lock", ready, stop))
+    p.start()
+    assert ready.wait(30)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
     lock = VersionLock(tmp_path / ".lock")
-    other = {"pid": os.getppid(), "host": socket.gethostname(), "proc_start": None, "since": "t"}
-    (tmp_path / ".lock").write_text(json.dumps(other))
-    with pytest.raises(LockError, match=f"pid {os.getppid()} on host"):
+    assert lock.holder()["pid"] == p.pid  # the record stays, for messages
+    assert not lock.holder_alive()
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match=f"stale lock .* pid {p.pid}"):
         lock.acquire()
+    assert time.monotonic() - t0 < 1.0
+    assert lock.holder()["pid"] == os.getpid()
+    lock.release()
+
+
+def _race(path, marker, barrier, rounds, out):
+    """Each round every process tries the lock; a winner proves it is alone by creating ``marker``
+    exclusively, keeps it a moment, and removes it before releasing."""
+    overlaps = wins = 0
+    for _ in range(rounds):
+        barrier.wait(30)
+        lock = VersionLock(path)
+        try:
+            lock.acquire()
+        except LockError:
+            continue
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            overlaps += 1
+        else:
+            os.close(fd)
+            wins += 1
+            time.sleep(0.002)
+            os.unlink(marker)
+        finally:
+            lock.release()
+    out.put((overlaps, wins))
+
+
+def test_racing_writers_never_both_hold_the_version(tmp_path):
+    ctx = mp.get_context("fork")
+    n, rounds = 3, 25
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(tmp_path / ".lock", tmp_path / "writing", barrier, rounds, out))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert sum(r[0] for r in results) == 0, results
+    assert sum(r[1] for r in results) >= rounds  # every round someone wrote
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_release_leaves_another_owners_record(tmp_path):
+    lock = VersionLock(tmp_path / ".lock")
+    lock.acquire()
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "theirs"}))
+    with pytest.warns(UserWarning, match="no longer this process"):
+        lock.release()
+    assert json.loads((tmp_path / ".lock").read_text())["token"] == "theirs"
 
 
 def test_lock_from_other_host_needs_force(tmp_path):
