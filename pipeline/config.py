@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipeline.configtypes import ConfigError, build, in_range, non_empty, opt, to_plain
+from stages.bookkeeping import HASHED_AS, is_bookkeeping
 
 DEFAULT_CONFIG = "pipeline.yaml"
 VOC_SEEDS = (1234, 1235, 1236, 1237, 1238)
@@ -48,7 +49,7 @@ class OnnxModelConfig:
     std: tuple[float, ...] = opt((0.229, 0.224, 0.225), doc="per-channel std", check=in_range(0.0, lo_open=True))
     output_index: int = opt(0, doc="which model output is the saliency map", check=in_range(0))
     minmax: bool = opt(True, doc="min-max normalise the model's map per image (the U2-Net authors do)")
-    threads: int = opt(1, doc="onnxruntime intra-op threads per worker", check=in_range(1), volatile=True)
+    threads: int = opt(1, doc="onnxruntime intra-op threads per worker", check=in_range(1))
 
 
 @dataclass(frozen=True)
@@ -138,8 +139,8 @@ class TrainConfig:
     seed: int = opt(0, doc="seed for Python, numpy and torch (recorded in the manifest)")
     amp: Literal["auto", "off", "bf16", "fp16"] = opt("auto", doc="mixed precision on GPU")
     keep_last: int = opt(2, doc="epoch checkpoints kept besides the final one", check=in_range(1))
-    num_workers: int = opt(2, doc="data-loader worker processes", check=in_range(0), volatile=True)
-    device: str = opt("auto", doc="'auto', 'cpu', 'cuda' or 'cuda:N'", volatile=True)
+    num_workers: int = opt(2, doc="data-loader worker processes", check=in_range(0))
+    device: str = opt("auto", doc="'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     def __post_init__(self):
         if self.queue_size % self.batch_size:
@@ -157,9 +158,9 @@ class ExtractConfig:
     features: bool = opt(True, doc="store the 256-d decoder features (float16) for the linear probe")
     feature_size: int = opt(32, doc="side of the stored feature grid", check=in_range(4))
     shard_size: int = opt(256, doc="images per embedding shard", check=in_range(1))
-    batch_size: int = opt(8, check=in_range(1), volatile=True)
-    num_workers: int = opt(2, doc="decode/resize worker processes", check=in_range(0), volatile=True)
-    device: str = opt("auto", volatile=True)
+    batch_size: int = opt(8, check=in_range(1))
+    num_workers: int = opt(2, doc="decode/resize worker processes", check=in_range(0))
+    device: str = opt("auto")
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,8 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class DaskConfig:
-    scheduler: Optional[str] = opt(None, doc="tcp://host:port of a dask scheduler; null = a local cluster", volatile=True)
-    n_workers: int = opt(0, doc="local cluster workers; 0 = one per core", check=in_range(0), volatile=True)
+    scheduler: Optional[str] = opt(None, doc="tcp://host:port of a dask scheduler; null = a local cluster")
+    n_workers: int = opt(0, doc="local cluster workers; 0 = one per core", check=in_range(0))
 
 
 @dataclass(frozen=True)
@@ -220,11 +221,20 @@ class Config:
     evaluate: EvaluateConfig = opt(default_factory=EvaluateConfig)
     dask: DaskConfig = opt(default_factory=DaskConfig)
 
-    def to_dict(self, drop_volatile: bool = False) -> dict[str, Any]:
-        return to_plain(self, drop_volatile=drop_volatile)
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
 
     def section(self, name: str, drop_volatile: bool = True) -> dict[str, Any]:
-        return to_plain(getattr(self, name), drop_volatile=drop_volatile)
+        """Section ``name`` as plain data. With ``drop_volatile`` (the default), as it enters artifact
+        versions: bookkeeping keys (``stages.bookkeeping``) left out, or at their ``HASHED_AS`` value."""
+        if not drop_volatile:
+            return to_plain(getattr(self, name), section=name)
+        out = to_plain(getattr(self, name), drop=is_bookkeeping, section=name)
+        for key, value in HASHED_AS.items():
+            head, _, leaf = key.rpartition(".")
+            if head == name:
+                out[leaf] = value
+        return out
 
 
 # -- loading ----------------------------------------------------------------------------------------

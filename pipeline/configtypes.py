@@ -3,8 +3,9 @@
 Small on purpose: it knows the handful of types the configuration uses (bool, int, float, str,
 Path, Literal, Optional, list/tuple, nested dataclasses) and reports every problem with the
 dotted key and the file it came from. Field-level checks live in ``metadata={"check": fn}``:
-``fn(value)`` returns an error string or None. ``metadata={"volatile": True}`` marks keys that do
-not change results (worker counts, scheduler address) and so stay out of artifact versions.
+``fn(value)`` returns an error string or None. Which keys stay out of artifact versions
+(bookkeeping: worker counts, devices, the scheduler address) is declared once, in
+``stages.bookkeeping``, not here.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any = dataclasses.MISSING, *, doc: str = "", check: Callable[[Any], str | None] | None = None,
-        volatile: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"doc": doc, "check": check, "volatile": volatile}
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    meta = {"doc": doc, "check": check}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -161,33 +162,40 @@ def build(cls: type, data: Any, prefix: str, source: str | None, base_dir: Path 
         raise ConfigError(str(exc), prefix or None, source) from exc
 
 
-def to_plain(obj: Any, *, drop_volatile: bool = False) -> Any:
-    """Dataclass tree to JSON-able data (paths as strings, tuples as lists)."""
+def to_plain(obj: Any, *, drop: Callable[[str, str], bool] | None = None, section: str = "") -> Any:
+    """Dataclass tree to JSON-able data (paths as strings, tuples as lists). ``drop(section, name)``
+    leaves out the fields it returns True for; ``section`` is the dotted path of ``obj``."""
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
-            if drop_volatile and f.metadata.get("volatile"):
+            if drop is not None and drop(section, f.name):
                 continue
-            out[f.name] = to_plain(getattr(obj, f.name), drop_volatile=drop_volatile)
+            sub = f"{section}.{f.name}" if section else f.name
+            out[f.name] = to_plain(getattr(obj, f.name), drop=drop, section=sub)
         return out
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v, drop_volatile=drop_volatile) for v in obj]
+        return [to_plain(v, drop=drop, section=section) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj
 
 
-def field_docs(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type name, default, doc) for every leaf key: used by the README and ``config`` help."""
+def field_docs(cls: type, prefix: str = "", mark: Callable[[str, str], str] | None = None
+               ) -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, doc) for every leaf key: used by the README and ``config`` help.
+    ``mark(section, name)`` returns text appended to the doc (e.g. that a key is bookkeeping)."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            rows.extend(field_docs(tp, key))
+            rows.extend(field_docs(tp, key, mark))
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        rows.append((key, _type_name(tp), to_plain(default), f.metadata.get("doc", "")))
+        doc = f.metadata.get("doc", "")
+        if mark is not None and (extra := mark(prefix, f.name)):
+            doc = f"{doc} {extra}".strip()
+        rows.append((key, _type_name(tp), to_plain(default), doc))
     return rows

@@ -11,13 +11,20 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.configtypes import field_docs
+from stages.bookkeeping import is_bookkeeping
+
+BOOKKEEPING_MARK = "(bookkeeping: not in versions)"
+
+
+def _mark(section: str, name: str) -> str:
+    return BOOKKEEPING_MARK if is_bookkeeping(section, name) else ""
 
 START, END = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
 
 
 def config_table() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, type_name, default, doc in field_docs(Config):
+    for key, type_name, default, doc in field_docs(Config, mark=_mark):
         shown = "null" if default is None else str(default).replace("'", "")
         rows.append(f"| `{key}` | {type_name.replace('|', '/')} | `{shown}` | {doc} |")
     return "\n".join(rows)

@@ -1,8 +1,9 @@
 """Glue between the configuration and the stage functions: parameters, inputs, and the call.
 
-Each definition says which config keys determine its artifact (everything else, such as worker
-counts or the scheduler address, cannot change results and stays out of the version) and turns
-the config section into the stage's explicit parameter objects.
+Each definition says which config keys determine its artifact and turns the config section into
+the stage's explicit parameter objects. Keys that cannot change results (worker counts, devices,
+``train.keep_last``, the scheduler address) are declared once, in ``stages.bookkeeping``, and stay
+out of versions through ``Config.section``.
 """
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ def _masks_params(ctx: Context) -> Mapping[str, Any]:
     elif m.method == "bootstrap":
         import dataclasses
 
-        resolved = dataclasses.asdict(_bootstrap_params(ctx.cfg))  # module defaults included
-        for volatile in ("num_workers", "device"):
-            resolved.pop(volatile, None)
+        from stages.bookkeeping import without_bookkeeping
+
+        resolved = without_bookkeeping("masks.bootstrap",  # module defaults included
+                                       dataclasses.asdict(_bootstrap_params(ctx.cfg)))
         if resolved["init"] != "random":
             resolved["init"] = {"file": Path(resolved["init"]).name, "sha256": sha256_file(Path(resolved["init"]))}
         params["bootstrap"] = resolved

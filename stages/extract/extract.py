@@ -101,6 +101,7 @@ from artifacts.embeddings import (
     summarize_embeddings,
 )
 from artifacts.masks import MaskStore
+from stages.bookkeeping import BOOKKEEPING
 from stages.common.resize import nearest_indices
 from stages.data import BadInputError, Sample, load_image
 from stages.train.data import normalize_images
@@ -129,8 +130,8 @@ SALIENCY_THRESHOLD = 0.5  # on the raw logit, as the reference
 MASK_SOURCES = ("model", "masks")
 EMBEDDINGS = ("head", "backbone")
 INTERPOLATIONS = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}
-# Parameters that change nothing in the output (not recorded in the shards).
-_VOLATILE = ("batch_size", "num_workers", "device")
+# Parameters that change nothing in the output (``stages.bookkeeping``; not recorded in the shards).
+_VOLATILE = tuple(sorted(BOOKKEEPING["extract"]))
 
 
 class ExtractError(ValueError):

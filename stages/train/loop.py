@@ -59,6 +59,7 @@ from artifacts.checkpoints import (
     truncate_lines,
 )
 from artifacts.masks import MaskStore
+from stages.bookkeeping import BOOKKEEPING
 from stages.data import Sample
 
 from . import distributed as D
@@ -90,9 +91,9 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 REFERENCE_DROPOUT = 0.5
 FREEZE_UPTO = "layer2"  # conv1, bn1, layer1, layer2: the reference's frozen part
 LR_POWER = 0.9
-# Parameters that do not change the result: a checkpoint written under other values resumes.
-# (``init`` is compared by the file's sha256, not its path.)
-VOLATILE_PARAMS = ("num_workers", "device", "keep_last")
+# Parameters that do not change the result (``stages.bookkeeping``): a checkpoint written under
+# other values resumes. (``init`` is compared by the file's sha256, not its path.)
+VOLATILE_PARAMS = tuple(sorted(BOOKKEEPING["train"]))
 _REFERENCE_VIEW = ViewAugment()
 AUGMENT_DEFAULTS: dict[str, Any] = {  # TrainParams.augment keys: the reference's augmentation
     "crop_scale": list(_REFERENCE_VIEW.scale), "jitter": list(_REFERENCE_VIEW.jitter),

@@ -116,6 +116,9 @@ def test_volatile_keys_stay_out_of_sections():
     cfg = Config()
     assert "num_workers" not in cfg.section("train")
     assert "num_workers" in cfg.section("train", drop_volatile=False)
+    # keep_last entered versions before it was bookkeeping: it stays, at its old default, whatever is set
+    assert cfg.section("train")["keep_last"] == 2
+    assert load_config(None, ["train.keep_last=5"]).section("train")["keep_last"] == 2
 
 
 def test_every_key_is_documented():

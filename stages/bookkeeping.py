@@ -1,0 +1,42 @@
+"""The one declaration of bookkeeping keys: settings that change how a stage runs (speed, memory,
+disk use, where it runs) but never what it produces.
+
+Everything that decides whether work can be reused reads this table and nothing else:
+- artifact versions (``pipeline.config.Config.section``, hence every stage's parameters);
+- the parameters a resumed training compares with its checkpoint (``stages.train.loop``);
+- the parameters an extraction records in its shards and compares on resume (``stages.extract``);
+- the bootstrap estimator's parameters in the mask artifact's version (``pipeline.stagedefs``);
+- the README's configuration table, which marks each of these keys.
+
+Keys are grouped by config section (dotted); the stage parameter objects use the same field names
+as their config section. Only worker counts, devices, inference batch sizes, how many checkpoints
+to keep and where the scheduler is belong here. (A device can change float reductions in the last
+bits; it is listed so that the same configuration names one artifact wherever it runs.)
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping
+
+BOOKKEEPING: Mapping[str, frozenset[str]] = MappingProxyType({
+    "masks.model": frozenset({"threads"}),
+    "masks.bootstrap": frozenset({"num_workers", "device"}),
+    "train": frozenset({"keep_last", "num_workers", "device"}),
+    "extract": frozenset({"batch_size", "num_workers", "device"}),
+    "dask": frozenset({"scheduler", "n_workers"}),
+})
+
+#: Bookkeeping keys that entered artifact versions before they were declared bookkeeping. They enter
+#: the version hash at this fixed value, whatever is configured, so the versions made with the
+#: default keep their names (and a different value no longer makes a new version).
+HASHED_AS: Mapping[str, Any] = MappingProxyType({"train.keep_last": 2})
+
+
+def is_bookkeeping(section: str, name: str) -> bool:
+    """True when ``<section>.<name>`` does not change any result."""
+    return name in BOOKKEEPING.get(section, ())
+
+
+def without_bookkeeping(section: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` (a stage's parameters, keyed by field name) without the section's bookkeeping keys."""
+    return {k: v for k, v in params.items() if not is_bookkeeping(section, k)}

@@ -1,0 +1,149 @@
+"""Artifact versions are names users hold on to (store paths, READMEs, notes): pin the versions that
+``pipeline.yaml`` and every preset plan on a fixed tiny dataset, so that a change which renames
+every artifact is made on purpose (update the pins and say so), never by accident."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from artifacts.store import Store
+from pipeline.config import load_config
+from pipeline.graph import Context, plan
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = ["pipeline.yaml"] + sorted(f"configs/{p.name}" for p in (REPO / "configs").glob("*.yaml"))
+#: variants whose parameters are assembled by other code paths
+VARIANTS = {"pipeline.yaml+bootstrap": ("pipeline.yaml", ("masks.method=bootstrap",))}
+
+#: config -> stage -> version, on ``fixed_dataset`` with the paths of ``user_paths``
+PINNED = {
+    "pipeline.yaml": {"masks": "01ca56d308e7", "train": "064f0b18068a", "extract": "30ee417a311e", "evaluate": "d7565dceabc9"},
+    "configs/davis16_mobilenet.yaml": {"masks": "40c9443ebf88", "train": "a24cc4ac6845", "extract": "6fdfdff272ee", "evaluate": "632b19f61702"},
+    "configs/voc_supervised_imagenet.yaml": {"masks": "825ae571c99f", "train": "901d452e0b3e", "extract": "9a6ba0ad6b07", "evaluate": "cf31e252edef"},
+    "configs/voc_unsupervised_moco.yaml": {"masks": "825ae571c99f", "train": "b1af0879c3ad", "extract": "2da2523787c2", "evaluate": "d5c227a4e667"},
+    "pipeline.yaml+bootstrap": {"masks": "694f1479eb2f", "train": "b99b5bbd50b6", "extract": "e51a2d3f52b9", "evaluate": "a54612f3fd63"},
+}
+
+
+def fixed_dataset(root: Path) -> Path:
+    """A folder dataset whose fingerprint is fixed: file sizes are all versions look at."""
+    for sub in ("images", "labels", "splits"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("background\na\nb\n")
+    for split, n in (("train", 4), ("val", 3), ("trainaug", 5)):
+        ids = [f"{split}{i}" for i in range(n)]
+        (root / "splits" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i, id_ in enumerate(ids):
+            (root / "images" / f"{id_}.png").write_bytes(b"i" * (100 + i))
+            (root / "labels" / f"{id_}.png").write_bytes(b"l" * (50 + i))
+    return root
+
+
+def user_paths(tmp: Path) -> list[str]:
+    (tmp / "masks").mkdir(exist_ok=True)
+    (tmp / "masks" / "a.png").write_bytes(b"m" * 10)
+    (tmp / "model.onnx").write_bytes(b"onnx")
+    (tmp / "init.pth").write_bytes(b"pth")
+    return [f"data.root={fixed_dataset(tmp / 'dataset')}", "data.layout=folder",
+            f"masks.import_dir={tmp / 'masks'}", f"masks.model_path={tmp / 'model.onnx'}",
+            f"train.init={tmp / 'init.pth'}"]
+
+
+def planned_versions(config: str, tmp: Path, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    base = load_config(REPO / config)
+    sets = user_paths(tmp)
+    if base.train.init == "random":
+        sets = [s for s in sets if not s.startswith("train.init=")]
+    cfg = load_config(REPO / config, sets + list(extra))
+    ctx = Context(cfg=cfg, store=Store(tmp / "store"), quiet=True)
+    return {name: p.version for name, p in plan(ctx).items()}
+
+
+@pytest.mark.parametrize("config", CONFIGS + list(VARIANTS))
+def test_planned_versions_are_pinned(config, tmp_path):
+    path, extra = VARIANTS.get(config, (config, ()))
+    got = planned_versions(path, tmp_path, extra)
+    assert got == PINNED[config], (
+        f"{config}: the planned artifact versions changed ({got}); if that is intended (results change), "
+        "update PINNED and say so in the commit")
+
+
+# -- bookkeeping keys: one declaration, read by every place that decides whether work is reused ------
+BOOKKEEPING_SETS = ["train.keep_last=3", "train.num_workers=0", "train.device=cpu", "extract.batch_size=1",
+                    "extract.num_workers=0", "extract.device=cpu", "masks.model.threads=4",
+                    "dask.scheduler=tcp://10.0.0.1:8786", "dask.n_workers=1"]
+
+
+def test_every_bookkeeping_key_is_declared_once_and_exists():
+    from pipeline.config import Config
+    from pipeline.configtypes import field_docs
+    from stages.bookkeeping import BOOKKEEPING
+
+    keys = {row[0] for row in field_docs(Config)}
+    declared = {f"{section}.{name}" for section, names in BOOKKEEPING.items() for name in names}
+    # the masks.bootstrap ones are BootstrapParams fields without a config key (module defaults)
+    config_declared = {k for k in declared if not k.startswith("masks.bootstrap.")}
+    assert config_declared <= keys, config_declared - keys
+    assert {s.partition("=")[0] for s in BOOKKEEPING_SETS} == config_declared  # each is tested below
+
+
+@pytest.mark.parametrize("setting", BOOKKEEPING_SETS)
+@pytest.mark.parametrize("config", ["pipeline.yaml", "configs/davis16_mobilenet.yaml"])
+def test_bookkeeping_keys_do_not_change_versions(config, setting, tmp_path):
+    assert planned_versions(config, tmp_path, (setting,)) == PINNED[config]
+
+
+def test_bootstrap_bookkeeping_does_not_change_the_mask_version(tmp_path):
+    import dataclasses
+
+    from pipeline import stagedefs
+    from stages.bookkeeping import BOOKKEEPING
+    from stages.masks.bootstrap import BootstrapParams
+
+    names = {f.name for f in dataclasses.fields(BootstrapParams)}
+    assert BOOKKEEPING["masks.bootstrap"] <= names
+    real = stagedefs._bootstrap_params
+    stagedefs._bootstrap_params = lambda cfg: dataclasses.replace(real(cfg), num_workers=3, device="cpu")
+    try:
+        got = planned_versions("pipeline.yaml", tmp_path, ("masks.method=bootstrap",))
+    finally:
+        stagedefs._bootstrap_params = real
+    assert got == PINNED["pipeline.yaml+bootstrap"]
+
+
+def test_stage_parameter_objects_read_the_same_declaration():
+    import dataclasses
+
+    from stages.bookkeeping import BOOKKEEPING
+    from stages.extract.extract import _VOLATILE, ExtractParams
+    from stages.train.loop import VOLATILE_PARAMS, TrainParams
+
+    assert set(VOLATILE_PARAMS) == BOOKKEEPING["train"] <= {f.name for f in dataclasses.fields(TrainParams)}
+    assert set(_VOLATILE) == BOOKKEEPING["extract"] <= {f.name for f in dataclasses.fields(ExtractParams)}
+    recorded = ExtractParams(batch_size=1, num_workers=0, device="cpu").recorded()
+    assert recorded == ExtractParams().recorded()
+
+
+@pytest.mark.parametrize("setting", ["train.epochs=3", "extract.input_size=256", "masks.threshold=0.4"])
+def test_result_keys_do_change_versions(setting, tmp_path):
+    assert planned_versions("pipeline.yaml", tmp_path, (setting,)) != PINNED["pipeline.yaml"]
+
+
+def test_status_with_bookkeeping_set_plans_no_new_version(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    sets = user_paths(tmp_path)[:2]
+    monkeypatch.chdir(tmp_path)
+    outs = []
+    for extra in ([], ["--set", "train.keep_last=3"]):
+        args = ["--config", str(REPO / "pipeline.yaml"), "--store", str(tmp_path / "store")]
+        for s in sets + extra[1:]:
+            args += ["--set", s]
+        r = CliRunner().invoke(cli, args + ["status"], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        outs.append(r.output)
+    assert PINNED["pipeline.yaml"]["train"] in outs[1]
+    assert outs[0] == outs[1]
