@@ -240,8 +240,9 @@ def evaluate(state: State, models, retries, force, scheduler):
     Each model's extract artifact is made (or reused), then every model x protocol x seed
     of evaluate.protocols and evaluate.seeds is one job on the dask cluster (an embedded
     local cluster unless --scheduler names one; the workers read the store and the dataset
-    by path). A failed job is retried, then reported in the table. The results land in one
-    compare/VERSION artifact: comparison.md, comparison.json and comparison.png.
+    by path). A failed job is retried (--retries); a job that still fails leaves the comparison
+    incomplete and the command exits 1 listing it; rerunning retries only the failed jobs. The
+    results land in one compare/VERSION artifact: comparison.md, comparison.json and comparison.png.
     """
     if not models:
         _stage_command_body(state, "evaluate", force, scheduler)
@@ -275,8 +276,8 @@ def _compare_models(ctx, train_refs: list[str], *, retries: int, force: bool) ->
     upstream stages (the masks, for ``extract.mask_source: masks``) run first, each once.
     ``force`` recomputes the comparison only."""
     from artifacts.store import COMPLETE
-    from pipeline.runner import run_one
-    from pipeline.stagedefs import compare_plan
+    from pipeline.runner import StageFailed, run_one
+    from pipeline.stagedefs import ComparisonIncomplete, compare_plan
 
     extracts, compare = compare_plan(ctx, train_refs, retries=retries)
     results, seen = [], set()
@@ -287,21 +288,26 @@ def _compare_models(ctx, train_refs: list[str], *, retries: int, force: bool) ->
             if p.spec.ref not in seen:
                 seen.add(p.spec.ref)
                 results.append(run_one(ctx, p))
-    results.append(run_one(ctx, compare, force=force))
+    try:
+        results.append(run_one(ctx, compare, force=force))
+    except StageFailed as exc:
+        if isinstance(exc.__cause__, ComparisonIncomplete):  # show what finished, then exit 1
+            _print_results(results, ctx.quiet)
+            _print_table(exc.__cause__.table)
+        raise
     return results
 
 
 def _print_comparison(result) -> None:
-    """The comparison table's path and rows (and a warning naming the failed jobs' count)."""
-    table = result.path / "comparison.md"
+    """The comparison table's path and rows (a complete comparison: every job succeeded)."""
+    _print_table(result.path / "comparison.md")
+
+
+def _print_table(table: Path) -> None:
     click.echo(f"comparison: {table}")
     for line in table.read_text(encoding="utf-8").splitlines():
         if line.startswith("|"):
             click.echo(line)
-    failed, total = result.summary.get("n_failed"), result.summary.get("n_jobs")
-    if failed:
-        click.echo(f"warning: {failed} of {total} jobs failed (errors in the table and in "
-                   f"{result.path / 'comparison.json'}); --force reruns the comparison", err=True)
 
 
 @cli.command()

@@ -487,17 +487,34 @@ def compare_jobs(ctx: Context, extracts: Mapping[str, Any]) -> list[Job]:
     return jobs
 
 
+class ComparisonIncomplete(RuntimeError):
+    """Some jobs of a comparison still failed after their retries. The artifact is left incomplete
+    (its manifest says ``failed`` and lists them); the table of what finished is written, and a
+    rerun of the same command retries only the failed jobs."""
+
+    def __init__(self, failed: Sequence[Mapping[str, Any]], n_jobs: int, table: Path):
+        self.failed, self.n_jobs, self.table = list(failed), n_jobs, table
+        listed = "; ".join(f"{j['model']} {j['protocol']}"
+                           f"{'' if j['seed'] is None else ' seed ' + str(j['seed'])}: {str(j['error'])[:300]}"
+                           for j in self.failed)
+        super().__init__(f"{len(self.failed)} of {n_jobs} jobs failed, so the comparison is not complete "
+                         f"(rerun the same command to retry only these; table so far: {table}): {listed}")
+
+
 def _run_compare(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any], *, retries: int) -> Mapping[str, Any]:
     from stages.evaluate.batch import run_batch
 
     jobs = compare_jobs(ctx, inputs)
     writer.update(retries=retries)
     writer.set_progress(0, len(jobs), "jobs")
-    # a continued (interrupted) batch reuses the jobs that finished; --force clears them first
+    # a continued (interrupted or failed) batch reuses the jobs that finished; --force clears them first
     table = run_batch(jobs, ctx.dask_client(), writer.path, retries=retries, progress=not ctx.quiet, resume=True,
                       on_job=lambda done, total: writer.set_progress(done, total, "jobs"))
-    n_failed = sum(j["status"] != "ok" for j in table["jobs"])
-    return {"n_models": len(inputs), "n_jobs": len(jobs), "n_failed": n_failed}
+    failed = [j for j in table["jobs"] if j["status"] != "ok"]
+    if failed:
+        writer.update(failed_jobs=[{k: j[k] for k in ("key", "model", "protocol", "seed", "error")} for j in failed])
+        raise ComparisonIncomplete(failed, len(jobs), writer.path / "comparison.md")
+    return {"n_models": len(inputs), "n_jobs": len(jobs), "n_failed": 0}
 
 
 def _describe_compare(manifest: Mapping[str, Any]) -> str:

@@ -5,7 +5,9 @@ the shared filesystem: it opens the dataset index and the stores itself, runs on
 runner of :mod:`stages.evaluate.protocols` and writes that job's pictures and ``metrics.json``
 under ``<out_dir>/<model>/<protocol>/seed-<seed>/``. Jobs are submitted with explicit keys and
 ``retries=``, and consumed with ``as_completed``; a job that still fails after its retries is
-reported in the table (status ``failed`` and its error) and the batch goes on. Every attempt
+reported in the table (status ``failed`` and its error) and the batch goes on (the caller decides
+what an incomplete table means: the ``compare`` artifact stays incomplete and a rerun with
+``resume=True`` runs only the jobs without a ``metrics.json``). Every attempt
 appends a line (time, host, pid) to the job directory's ``attempts.log``.
 
 The results gather into ``comparison.json`` (rows model x protocol with mIoU mean ± std over

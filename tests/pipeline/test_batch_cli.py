@@ -137,17 +137,60 @@ def test_failed_job_is_retried_and_reported(project, no_pictures):
     good = add_model(project, "good")
     broken = add_model(project, "no-train-split", splits=("val",))
     r = invoke("-q", "evaluate", "--model", good, "--model", broken, "--retries", "2")
-    assert r.exit_code == 0, r.output
-    out, table = _table(r.output)
+    assert r.exit_code == 1, r.output  # a comparison with failures is not a success
+    out, table = _table(r.output)  # the table of what finished is still shown
     rows = {(row["model"], row["protocol"]): row for row in table["rows"]}
     bad = rows[(broken, "retrieval")]
     assert bad["status"] == "failed" and bad["miou"] is None
     assert "FileNotFoundError" in bad["errors"][0] and "train" in bad["errors"][0]
     assert rows[(broken, "kmeans")]["status"] == "ok" and rows[(good, "retrieval")]["status"] == "ok"
     slug = broken.replace("/", "-")
-    assert len((out / slug / "retrieval" / "default-seeds" / "attempts.log").read_text().splitlines()) == 3
-    assert "warning: 1 of 6 jobs failed" in r.output
-    assert json.loads((out / "manifest.json").read_text())["summary"]["n_failed"] == 1
+    log = out / slug / "retrieval" / "default-seeds" / "attempts.log"
+    assert len(log.read_text().splitlines()) == 3
+    assert "1 of 6 jobs failed, so the comparison is not complete" in r.output
+    assert f"{broken} retrieval: FileNotFoundError" in r.output  # the failure is listed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and [j["model"] for j in manifest["failed_jobs"]] == [broken]
+
+    r = invoke("-q", "evaluate", "--model", good, "--model", broken, "--retries", "0")
+    assert r.exit_code == 1 and "compare   " not in r.output  # never skipped as done while a job is failing
+    assert len(log.read_text().splitlines()) == 4  # only the failed job ran again
+    assert len((out / slug / "kmeans" / "seed-1" / "attempts.log").read_text().splitlines()) == 1
+
+
+def test_failed_job_is_retried_alone_on_rerun(project, no_pictures, monkeypatch):
+    """A transient failure: the rerun runs only that job and completes the comparison."""
+    import stages.evaluate.batch as batch
+
+    models = [add_model(project, "a"), add_model(project, "b")]
+    calls, real, flaky_key, failures = [], batch.run_job, [], []
+
+    def flaky(job, out_dir):
+        calls.append(job.key)
+        if job.protocol == "retrieval" and not flaky_key:
+            flaky_key.append(job.key)
+        if job.key in flaky_key and not failures:
+            failures.append(job.key)
+            raise OSError("transient: the shared filesystem went away")
+        return real(job, out_dir)
+
+    monkeypatch.setattr(batch, "run_job", flaky)
+    args = ["-q", "evaluate", "--model", models[0], "--model", models[1], "--retries", "0"]
+    r = invoke(*args)
+    assert r.exit_code == 1 and "OSError: transient" in r.output
+    [out] = (project[0] / "store" / "compare").iterdir()
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert len(calls) == 6
+    calls.clear()
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    assert calls == flaky_key  # the five finished jobs were read back, not recomputed
+    _, table = _table(r.output)
+    assert [j["status"] for j in table["jobs"]] == ["ok"] * 6
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["summary"]["n_failed"] == 0
+    calls.clear()
+    assert invoke(*args).exit_code == 0 and calls == []  # complete: a rerun is a no-op
 
 
 def test_interrupted_comparison_continues(project, no_pictures, monkeypatch):
