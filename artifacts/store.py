@@ -15,6 +15,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import traceback
@@ -101,6 +102,18 @@ class ArtifactInfo:
         return (self.manifest or {}).get("summary") or {}
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_name(part: str, ref: str) -> None:
+    """A stage or version name: letters, digits, ``_ . -``, not starting with a dot, so that
+    ``<root>/<stage>/<version>`` never leaves the store (no ``..``, no separator, no absolute
+    path) and a version prefix holds no glob characters."""
+    if not isinstance(part, str) or not _NAME.fullmatch(part):
+        raise StoreError(f"artifact reference {ref!r} is not of the form stage/version with plain names "
+                         f"(got {part!r}): it could point outside the store")
+
+
 def dir_size(path: Path) -> int:
     if not path.is_dir():
         return 0
@@ -128,13 +141,19 @@ class Store:
         return f"Store({str(self.root)!r})"
 
     def path(self, stage: str, version: str) -> Path:
+        _check_name(stage, f"{stage}/{version}")
+        _check_name(version, f"{stage}/{version}")
         return self.root / stage / version
 
     def resolve(self, ref: str) -> Path:
-        """``"stage/version"`` (or a unique version prefix) to its directory."""
+        """``"stage/version"`` (or a unique version prefix) to its directory. A reference that is
+        not two plain names (``..``, an absolute path, more slashes, glob characters) is refused:
+        it could name something outside the store."""
         stage, _, version = ref.partition("/")
         if not version:
             raise StoreError(f"artifact reference {ref!r} is not of the form stage/version")
+        _check_name(stage, ref)
+        _check_name(version, ref)
         exact = self.path(stage, version)
         if exact.is_dir():
             return exact
@@ -165,14 +184,15 @@ class Store:
         """Every version directory in the store (optionally of one stage), oldest first."""
         if not self.root.is_dir():
             return []
-        stages = [stage] if stage else sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        stages = [stage] if stage else sorted(p.name for p in self.root.iterdir()
+                                              if p.is_dir() and _NAME.fullmatch(p.name))
         out: list[ArtifactInfo] = []
         for st in stages:
             sdir = self.root / st
             if not sdir.is_dir():
                 continue
             for vdir in sdir.iterdir():
-                if vdir.is_dir() and not vdir.name.startswith("."):
+                if vdir.is_dir() and _NAME.fullmatch(vdir.name):
                     out.append(self.info(st, vdir.name))
         out.sort(key=lambda a: ((a.manifest or {}).get("created") or "", a.stage, a.version))
         return out

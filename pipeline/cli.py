@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -465,10 +466,13 @@ def data_info(state: State):
 @handle_errors
 def data_check(state: State, split):
     """Decode every image and label of the dataset and report the files that cannot be used."""
+    from pipeline.runner import stage_environment
     from pipeline.status import check_dataset
 
     ctx = state.context()
-    bad = check_dataset(ctx.dataset, split, progress=not state.quiet)
+    with stage_environment():  # data.max_pixels, as the stages read images
+        os.environ.update(ctx.image_environment())
+        bad = check_dataset(ctx.dataset, split, progress=not state.quiet)
     for path, reason in bad:
         click.echo(f"{path}: {reason}")
     click.echo(f"{len(bad)} unusable file(s)")

@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.configtypes import ConfigError, build, in_range, non_empty, opt, to_plain
 from stages.bookkeeping import HASHED_AS, is_bookkeeping
+from stages.data.io import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG = "pipeline.yaml"
 VOC_SEEDS = (1234, 1235, 1236, 1237, 1238)
@@ -31,6 +32,8 @@ class DataConfig:
     layout: Literal["auto", "voc", "folder"] = opt("auto", doc="dataset layout; auto detects JPEGImages/ vs images/")
     train_split: str = opt("train", doc="split used for mask proposals, training and the linear probe", check=_split_name)
     val_split: str = opt("val", doc="split used for K-means, retrieval queries and scores", check=_split_name)
+    max_pixels: int = opt(DEFAULT_MAX_PIXELS, check=in_range(1),
+                          doc="images with more pixels are skipped (with the reason) as possible decompression bombs")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,19 @@ class Context:
     def data_identity(self, split: str | None) -> dict[str, Any]:
         """What of the dataset enters a version: layout, split name and a size-based fingerprint."""
         ds = self.dataset
-        return {"layout": ds.layout, "split": split or "all", "fingerprint": ds.fingerprint(split)}
+        identity = {"layout": ds.layout, "split": split or "all", "fingerprint": ds.fingerprint(split)}
+        from stages.data.io import DEFAULT_MAX_PIXELS
+
+        if self.cfg.data.max_pixels != DEFAULT_MAX_PIXELS:  # absent at the default: the versions made before it
+            identity["max_pixels"] = self.cfg.data.max_pixels
+        return identity
+
+    def image_environment(self) -> dict[str, str]:
+        """Environment variables that carry image-reading settings into every process a stage
+        starts (dask workers of a local cluster, data-loader workers)."""
+        from stages.data.io import MAX_PIXELS_ENV
+
+        return {MAX_PIXELS_ENV: str(self.cfg.data.max_pixels)}
 
     def dask_client(self):
         """The dask client for fan-out, created on first use (local cluster unless configured).
@@ -48,7 +60,8 @@ class Context:
         if not self._client_made:
             from pipeline.daskutil import make_client
 
-            self._client = make_client(self.cfg.dask.scheduler, self.cfg.dask.n_workers, quiet=self.quiet)
+            self._client = make_client(self.cfg.dask.scheduler, self.cfg.dask.n_workers, quiet=self.quiet,
+                                       env=self.image_environment())
             self._client_made = True
         return self._client
 

@@ -145,6 +145,7 @@ def _run_writer(ctx: Context, p: Planned, inputs: Mapping[str, Any], *, force: b
             action = "resumed" if writer.resumed else "ran"
             log.info("%s %s: %s in %s", p.name, p.version, "continuing" if writer.resumed else "starting", writer.path)
             with stage_environment():
+                os.environ.update(ctx.image_environment())
                 summary = p.definition.run(ctx, writer, inputs)
             writer.complete(summary)
     except KeyboardInterrupt:
@@ -167,6 +168,7 @@ def _run_distributed(ctx: Context, p: Planned, rank: int) -> StageResult:
     t0 = time.perf_counter()
     path = ctx.store.path(p.name, p.version)
     with stage_environment():
+        os.environ.update(ctx.image_environment())
         summary = p.definition.run(ctx, FollowerWriter(path), inputs)
     return StageResult(p.name, p.version, path, "ran", time.perf_counter() - t0, summary)
 

@@ -5,6 +5,12 @@ class indices. Both are decoded fully (``Image.load``) so a truncated file raise
 yielding a partly grey image later; this relies on Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES``
 being False (its default, which this package never changes).
 
+Decompression bombs: an image whose header claims more pixels than the limit (``data.max_pixels``,
+passed to every process through the ``MASKCONTRAST_MAX_PIXELS`` environment variable; default
+the size PIL refuses outright) is a :class:`BadInputError` before any pixel is decoded, so the
+stages skip it with its reason like any unreadable image. PIL's ``DecompressionBombWarning`` is
+turned into that error rather than printed and decoded anyway.
+
 EXIF orientation is deliberately NOT applied: segmentation labels are aligned with the stored
 pixel grid (VOC, DAVIS and most label tools ignore the EXIF tag), so rotating the image alone would
 misalign it with its label.
@@ -12,12 +18,31 @@ misalign it with its label.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .index import Sample
+
+
+#: The size PIL refuses outright by default (its ``DecompressionBombError`` threshold, twice
+#: ``Image.MAX_IMAGE_PIXELS`` = 2 x 89,478,485; about 13,400 x 13,400): far above any photo a
+#: segmentation set holds (VOC: 500 x 375), while one decoded image stays about 0.5 GiB as RGB.
+#: PIL's own default would only warn between 89 and 179 million pixels and decode anyway.
+DEFAULT_MAX_PIXELS = 178_956_970
+MAX_PIXELS_ENV = "MASKCONTRAST_MAX_PIXELS"
+
+
+def max_pixels() -> int:
+    """The pixel limit in force: ``$MASKCONTRAST_MAX_PIXELS`` (set by the pipeline from
+    ``data.max_pixels`` while a stage runs, inherited by its worker processes), else the default."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    try:
+        return int(raw) if raw else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV} must be an integer number of pixels, got {raw!r}") from None
 
 
 class BadInputError(Exception):
@@ -40,14 +65,29 @@ def _decode(path: Path) -> Image.Image:
         raise BadInputError(path, f"cannot read the file ({e.strerror})") from e
     if size == 0:
         raise BadInputError(path, "empty file")
+    limit = max_pixels()
+    previous = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: truncated data raises here (LOAD_TRUNCATED_IMAGES is False)
-            return im
+        with warnings.catch_warnings():
+            # PIL checks the header's size at open: above the limit it warns (and decodes anyway),
+            # above twice the limit it raises. Both become a skip, before any pixel is decoded.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = limit
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > limit:  # formats whose size PIL does not check at open
+                    raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels")
+                im.load()  # decode now: truncated data raises here (LOAD_TRUNCATED_IMAGES is False)
+                return im
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadInputError(path, f"more pixels than data.max_pixels ({limit}), refused as a possible "
+                                  f"decompression bomb ({e})") from e
     except UnidentifiedImageError as e:
         raise BadInputError(path, "not an image file (or a format Pillow cannot read)") from e
     except Exception as e:  # decoders of corrupt files raise OSError, SyntaxError, ValueError, ...
         raise BadInputError(path, f"cannot decode the image ({type(e).__name__}: {e})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous  # other code in this process keeps PIL's own setting
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

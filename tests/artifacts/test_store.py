@@ -302,3 +302,25 @@ def test_list_sees_every_version(tmp_path):
     infos = store.list()
     assert sorted(i.summary["v"] for i in infos) == [0, 1, 2]
     assert all(i.state == COMPLETE and i.size_bytes == 0 for i in infos)
+
+
+@pytest.mark.parametrize("ref", ["train/../x", "train/..", "../train/abc", "/etc/passwd", "train//etc",
+                                 "train/a/b", "train/*", "train/[ab]", "train/.lock", "./train/abc", "tr ain/abc"])
+def test_resolve_refuses_references_that_leave_the_store(tmp_path, ref):
+    (tmp_path / "x").mkdir()  # something outside the store that "train/../x" would name
+    (tmp_path / "store" / "train" / "abc").mkdir(parents=True)
+    store = Store(tmp_path / "store")
+    with pytest.raises(StoreError, match="plain names .* could point outside the store"):
+        store.resolve(ref)
+    with pytest.raises(StoreError, match="outside the store"):
+        store.open(ref)
+    assert store.resolve("train/abc") == tmp_path / "store" / "train" / "abc"
+
+
+def test_path_and_list_refuse_or_skip_unsafe_names(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(StoreError, match="outside the store"):
+        store.path("masks", "../../etc")
+    (tmp_path / "masks" / ".partial-copy").mkdir(parents=True)
+    (tmp_path / ".trash").mkdir()
+    assert store.list() == []

@@ -170,3 +170,19 @@ def test_bootstrap_masks_through_the_pipeline(project):
     assert manifest["status"] == "complete" and manifest["params"]["bootstrap"]["rounds"] == 1
     assert manifest["estimator"]["estimator"] == "bootstrap"
     assert any(f["path"].startswith("bootstrap/") for f in manifest["files"])
+
+
+def test_pixel_limit_skips_large_images_with_their_reason(project):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(project / "data" / "images" / "big.png")
+    default = invoke("-q", "status").output
+    r = invoke("-q", "--set", "data.max_pixels=3000", "status")  # 48 x 48 = 2304 pass, 64 x 64 = 4096 not
+    assert r.exit_code == 0 and r.output != default  # the limit can change results: a new version
+    r = invoke("-q", "--set", "data.max_pixels=3000", "masks")
+    assert r.exit_code == 0, r.output
+    [vdir] = (project / "store" / "masks").iterdir()
+    skipped = json.loads((vdir / "skipped.json").read_text())
+    assert "more pixels than data.max_pixels (3000)" in skipped["big"] and "bad0" in skipped
+    assert json.loads((vdir / "manifest.json").read_text())["summary"]["n_skipped"] == 2
+    r = invoke("-q", "--set", "data.max_pixels=3000", "data", "check")
+    assert r.exit_code == 1 and "big.png: more pixels than data.max_pixels (3000)" in r.output
+    assert "MASKCONTRAST_MAX_PIXELS" not in __import__("os").environ  # scoped to the stage

@@ -80,3 +80,37 @@ def test_local_cluster_does_not_set_thread_variables_for_later_stages(tmp_path, 
 
     run_one(_context(tmp_path), _planned(with_cluster))
     assert {k: os.environ.get(k) for k in THREAD_VARS} == dict.fromkeys(THREAD_VARS)
+
+
+def test_local_cluster_binds_to_loopback_explicitly(monkeypatch):
+    """The embedded cluster must not listen beyond this machine, whatever distributed's default."""
+    import distributed
+
+    from pipeline import daskutil
+
+    made = {}
+
+    class FakeCluster:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+
+    monkeypatch.setattr(distributed, "LocalCluster", FakeCluster)
+    monkeypatch.setattr(distributed, "Client", lambda cluster, **kw: ("client", cluster))
+    daskutil.make_client(None, 1, quiet=True, env={"MASKCONTRAST_MAX_PIXELS": "123"})
+    assert made["host"] == "127.0.0.1" == daskutil.LOCAL_HOST
+    assert made["dashboard_address"] is None
+    assert made["env"]["MASKCONTRAST_MAX_PIXELS"] == "123" and made["env"]["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_real_local_cluster_listens_on_loopback_only():
+    from pipeline.daskutil import close_client, make_client
+
+    client = make_client(None, 1, quiet=True)
+    try:
+        info = client.scheduler_info()
+        addresses = [client.scheduler.address, *info["workers"]]
+        assert addresses and all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
+    finally:
+        close_client(client)

@@ -244,3 +244,41 @@ def test_read_sample_size_mismatch(tmp_path: Path, rgb: np.ndarray) -> None:
     lab = _save(tmp_path / "l.png", _palette_image(np.zeros((7, 5))))
     with pytest.raises(BadInputError, match=r"l\.png: label is 5x7 but image is 7x5"):
         read_sample(Sample("i", img, lab))
+
+
+# -- decompression bombs: data.max_pixels --------------------------------------------------------------
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width x height`` pixels, with almost no data: a bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
+    bomb = _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)  # 10^10 pixels claimed, 100 bytes
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(BadInputError, match=r"more pixels than data.max_pixels \(178956970\).*decompression bomb"):
+        load_image(bomb)
+    assert Image.MAX_IMAGE_PIXELS == before  # PIL's own setting is left as it was
+
+
+@pytest.mark.parametrize("limit", [1000, 500])  # 1200 pixels: PIL's warning (< 2x limit), its error (> 2x)
+def test_pixel_limit_from_the_environment(tmp_path: Path, rgb: np.ndarray, monkeypatch, limit: int) -> None:
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(path)
+    monkeypatch.setenv("MASKCONTRAST_MAX_PIXELS", str(limit))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is turned into the skip, never printed
+        with pytest.raises(BadInputError, match=f"more pixels than data.max_pixels \\({limit}\\)"):
+            load_image(path)
+    monkeypatch.setenv("MASKCONTRAST_MAX_PIXELS", "1200")
+    assert load_image(path).shape == (30, 40, 3)
+    monkeypatch.setenv("MASKCONTRAST_MAX_PIXELS", str(300_000_000))  # above PIL's default: allowed
+    assert load_image(path).shape == (30, 40, 3)
