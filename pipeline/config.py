@@ -319,10 +319,25 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         _set_dotted(patch, key, value, "--set")
         patch = _resolve_relative(Config, patch, cwd)
         _merge(data, patch)
-        source = f"{source} (with --set {', '.join(overrides)})"
     if store is not None:
         data["store"] = str(Path(store).expanduser().resolve())
-    return build(Config, data, "", source, base)
+    try:
+        return build(Config, data, "", source, base)
+    except ConfigError as exc:
+        if not overrides:
+            raise
+        raise ConfigError(exc.detail, exc.key, _with_sets(source, overrides, exc.key)) from None
+
+
+def _with_sets(source: str, overrides: list[str] | tuple[str, ...], key: str | None) -> str:
+    """``source`` with the ``--set`` options, once, the ones that set ``key`` (or a key inside it,
+    or the section holding it) first."""
+    def sets_key(text: str) -> bool:
+        k = text.partition("=")[0].strip()
+        return bool(key) and (k == key or key.startswith((k + ".", k + "[")) or k.startswith(key + "."))
+
+    ordered = sorted(overrides, key=lambda text: not sets_key(text))  # stable: the rest in the given order
+    return f"{source} (with --set {', '.join(ordered)})"
 
 
 def _merge(into: dict, patch: dict) -> None:

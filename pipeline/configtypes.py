@@ -17,13 +17,16 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin
 
 
 class ConfigError(ValueError):
-    """Bad configuration. ``str()`` names the file and the dotted key."""
+    """Bad configuration. ``str()`` names the dotted key first, then the file (and ``--set``
+    options) it came from: ``train.epochs: must be >= 0 (in pipeline.yaml with --set ...)``."""
 
     def __init__(self, message: str, key: str | None = None, source: str | None = None):
         self.key, self.source, self.detail = key, source, message
-        where = f"{source}: " if source else ""
-        what = f"{key}: " if key else ""
-        super().__init__(f"{where}{what}{message}")
+        if key:
+            text = f"{key}: {message}" + (f" (in {source})" if source else "")
+        else:
+            text = f"{source}: {message}" if source else message
+        super().__init__(text)
 
 
 def opt(default: Any = dataclasses.MISSING, *, doc: str = "", check: Callable[[Any], str | None] | None = None,

@@ -75,6 +75,22 @@ def test_overrides_are_typed_and_validated(tmp_path):
     assert "--set" in str(info.value)
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(path, ["train.epoch=2"])
+
+
+def test_config_error_names_the_key_first_and_the_set_options_once(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    sets = ["masks.threshold=0.4", "evaluate.seeds=[1]", "train.lr=0.1", "train.epochs=-2", "data.layout=folder",
+            "train.seed=3"]
+    with pytest.raises(ConfigError) as info:
+        load_config(path, sets)
+    text = str(info.value)
+    assert text.startswith("train.epochs: must be >= 0, got -2 (in ")
+    assert text.count("--set") == 1 and text.count("masks.threshold=0.4") == 1 and "\n" not in text
+    # the option at fault first, the others after it in the order given
+    assert text.endswith(f"(in {path} (with --set train.epochs=-2, masks.threshold=0.4, evaluate.seeds=[1], "
+                         "train.lr=0.1, data.layout=folder, train.seed=3))")
+    with pytest.raises(ConfigError, match=r"^train.queue_size: .* \(in .* \(with --set train.seed=1, train.batch_size=7\)\)$"):
+        load_config(path, ["train.seed=1", "train.batch_size=7"])  # a cross-key check names the key it checks
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("train.epochs")
 
