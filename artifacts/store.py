@@ -28,6 +28,7 @@ from artifacts.lock import VersionLock
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+GC_PREFIX = ".gc-"  # a version directory being deleted (see Store.remove)
 VERSION_CHARS = 12
 
 #: Manifest states. ``running`` on disk with no live lock holder means the writer died: partial.
@@ -204,6 +205,65 @@ class Store:
         if info.state != COMPLETE:
             raise StoreError(f"artifact {info.ref} is {info.state}, not complete ({path})")
         return info
+
+    def remove(self, stage: str, version: str) -> int:
+        """Delete a version directory, under its lock; returns the bytes freed.
+
+        Raises LockError when a writer holds the version (or another host's record says one may).
+        The directory is first renamed to a hidden ``.gc-*`` name in its stage folder, so a crash
+        during the deletion never leaves a half-deleted directory that looks like a version;
+        :meth:`leftovers` lists such remains for the next clean-up.
+        """
+        import shutil
+
+        path = self.path(stage, version)
+        lock = VersionLock(path / LOCK)
+        lock.acquire()
+        try:
+            size = dir_size(path)
+            trash = path.parent / f"{GC_PREFIX}{version}-{os.getpid()}"
+            os.rename(path, trash)
+            shutil.rmtree(trash)
+        finally:
+            lock.release()
+        return size
+
+    def leftovers(self) -> list[Path]:
+        """Directories left by a removal that was interrupted (hidden ``.gc-*`` names)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for sdir in self.root.iterdir() if sdir.is_dir() and _NAME.fullmatch(sdir.name)
+                      for p in sdir.iterdir() if p.is_dir() and p.name.startswith(GC_PREFIX))
+
+    def remove_files(self, stage: str, version: str, names: list[str]) -> int:
+        """Delete files (paths relative to the version) of a complete version, under its lock;
+        returns the bytes freed. The manifest is rewritten first without them (recording what was
+        removed under ``gc``), then the files go: a crash in between leaves only unlisted files."""
+        path = self.path(stage, version)
+        lock = VersionLock(path / LOCK)
+        lock.acquire()
+        try:
+            manifest = read_manifest(path)
+            if not manifest or manifest.get("status") != COMPLETE:
+                raise StoreError(f"{path}: only files of a complete version are removed one by one")
+            targets = [path / name for name in names]
+            for t in targets:
+                if path.resolve() not in t.resolve().parents or t.name in (MANIFEST, LOCK):
+                    raise StoreError(f"{t}: not a data file inside {path}")
+            gone = set(names)
+            manifest["files"] = [f for f in manifest.get("files", []) if f.get("path") not in gone]
+            manifest.setdefault("gc", []).append({"removed": sorted(gone), "at": utcnow()})
+            atomic_write_json(path / MANIFEST, manifest)
+            freed = 0
+            for t in targets:
+                try:
+                    freed += t.stat().st_size
+                    t.unlink()
+                except FileNotFoundError:
+                    pass
+        finally:
+            lock.release()
+        return freed
 
     def begin(
         self,

@@ -354,6 +354,56 @@ def ls_(state: State, stage, as_json):
 
 
 @cli.command()
+@click.option("--yes", "--confirm", "confirm", is_flag=True, help="delete; without it, only list what would go")
+@click.option("--keep", multiple=True, metavar="STAGE/VERSION",
+              help="also keep this artifact and its inputs (repeatable; a unique prefix will do)")
+@click.option("--checkpoints-only", is_flag=True,
+              help="only remove the intermediate checkpoints of complete trainings")
+@pass_state
+@handle_errors
+def gc(state: State, confirm, keep, checkpoints_only):
+    """Free disk: list (or, with --yes, delete) what the current config does not use.
+
+    \b
+    Kept: the versions the current config plans for each stage and their inputs,
+    and what --keep names (with its inputs). Removed: every other version (failed,
+    partial, or complete but superseded) and the intermediate checkpoints of complete
+    trainings (model.pt and the last checkpoint stay). A version being written is
+    left alone: each deletion takes the version's lock first.
+    """
+    from artifacts.store import StoreError
+    from pipeline.gc import apply_gc, human, plan_gc
+
+    ctx = state.context()
+    refs = []
+    for text in keep:
+        try:
+            path = ctx.store.resolve(text)
+        except StoreError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--keep'") from None
+        refs.append(f"{path.parent.name}/{path.name}")
+    gc_plan = plan_gc(ctx, tuple(refs), checkpoints_only=checkpoints_only)
+    for ref, why in gc_plan.busy:
+        click.echo(f"left alone  {ref}  ({why})")
+    if not gc_plan.doomed:
+        click.echo("nothing to free")
+        return
+    if not confirm:
+        for d in gc_plan.doomed:
+            what = f"{d.path}" + (f" [{', '.join(d.files)}]" if d.files else "")
+            click.echo(f"would free  {human(d.size):>10}  {what}  ({d.why})")
+        click.echo(f"would free {human(gc_plan.size)} in {len(gc_plan.doomed)} item(s); rerun with --yes to delete")
+        return
+    done, left = apply_gc(ctx.store, gc_plan)
+    for d, size in done:
+        what = f"{d.path}" + (f" [{', '.join(d.files)}]" if d.files else "")
+        click.echo(f"freed  {human(size):>10}  {what}  ({d.why})")
+    for d, why in left:
+        click.echo(f"left alone  {d.path}  ({why})")
+    click.echo(f"freed {human(sum(size for _, size in done))} in {len(done)} item(s)")
+
+
+@cli.command()
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--contact-sheet", "sheet", type=click.Path(dir_okay=False), default=None,
               help="for a mask artifact: write a PNG of images with mask overlays here")
