@@ -1,7 +1,8 @@
 """The versioned artifact store: ``<store>/<stage>/<version>/`` directories with a manifest and a lock.
 
 A version is a short hash of what determines an artifact's content: the stage name, the artifact
-schema version, the stage's resolved parameters and the exact versions of its inputs. The same
+schema version, the stage's algorithm version, its resolved parameters and the exact versions of
+its inputs. The same
 configuration on the same inputs names the same directory on any machine, so a complete version
 is skipped, a partial one is continued, and a changed configuration lands beside the old one.
 
@@ -44,12 +45,16 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def compute_version(stage: str, schema_version: int, params: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
-    """Short, deterministic hash of everything that determines an artifact's content."""
-    payload = canonical_json(
-        {"stage": stage, "schema_version": int(schema_version), "params": params, "inputs": dict(inputs)}
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:VERSION_CHARS]
+def compute_version(stage: str, schema_version: int, params: Mapping[str, Any], inputs: Mapping[str, str],
+                    algorithm_version: int | None = None) -> str:
+    """Short, deterministic hash of everything that determines an artifact's content: the stage, its
+    schema version, its parameters, its inputs' versions and (when given) the version of the
+    algorithm that computes it, so that a change of the code's results makes new versions."""
+    payload: dict[str, Any] = {"stage": stage, "schema_version": int(schema_version), "params": params,
+                               "inputs": dict(inputs)}
+    if algorithm_version is not None:
+        payload["algorithm_version"] = int(algorithm_version)
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:VERSION_CHARS]
 
 
 def utcnow() -> str:
@@ -64,10 +69,11 @@ class ArtifactSpec:
     schema_version: int
     params: Mapping[str, Any]
     inputs: Mapping[str, str] = field(default_factory=dict)
+    algorithm_version: int | None = None
 
     @property
     def version(self) -> str:
-        return compute_version(self.stage, self.schema_version, self.params, self.inputs)
+        return compute_version(self.stage, self.schema_version, self.params, self.inputs, self.algorithm_version)
 
     @property
     def ref(self) -> str:
@@ -324,6 +330,7 @@ class ArtifactWriter:
                 "stage": self.spec.stage,
                 "version": self.version,
                 "schema_version": self.spec.schema_version,
+                **({} if self.spec.algorithm_version is None else {"algorithm_version": self.spec.algorithm_version}),
                 "params": self.spec.params,
                 "inputs": dict(self.spec.inputs),
                 "code_version": self._code_version,

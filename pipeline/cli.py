@@ -338,18 +338,23 @@ def status(state: State):
 def ls_(state: State, stage, as_json):
     """Every version in the store (optionally of one stage)."""
     from artifacts.store import Store
+    from pipeline.runner import code_version
     from pipeline.status import list_lines
 
     cfg = state.cfg()
     infos = Store(cfg.store).list(stage)
+    running = code_version()
     if as_json:
         click.echo(json.dumps([{"ref": i.ref, "state": i.state, "path": str(i.path), "size": i.size_bytes,
                                 "created": (i.manifest or {}).get("created"),
+                                "code_version": (i.manifest or {}).get("code_version"),
+                                "other_code": bool((i.manifest or {}).get("code_version"))
+                                and (i.manifest or {}).get("code_version") != running,
                                 "summary": i.summary} for i in infos], indent=2))
         return
     if not infos:
         click.echo(f"no artifacts in {cfg.store}")
-    for line in list_lines(infos):
+    for line in list_lines(infos, running):
         click.echo(line)
 
 

@@ -86,6 +86,8 @@ class StageDef:
     run: Callable[[Context, ArtifactWriter, Mapping[str, "Planned"]], Mapping[str, Any]]
     #: a one-line progress/summary text for ``status`` from a manifest
     describe: Callable[[Mapping[str, Any]], str] = lambda m: ""
+    #: the stage's algorithm version (``stages.versions``), part of every version it makes
+    algorithm_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def plan(ctx: Context, targets: tuple[str, ...] | None = None, *,
         defn = STAGES[name]
         inputs = {up: pinned[up] if up in pinned else visit(up, chain + (name,)).spec.ref
                   for up in defn.needs(ctx.cfg)}
-        spec = ArtifactSpec(defn.name, defn.schema_version, dict(defn.params(ctx)), inputs)
+        spec = ArtifactSpec(defn.name, defn.schema_version, dict(defn.params(ctx)), inputs, defn.algorithm_version)
         planned[name] = Planned(defn, spec)
         return planned[name]
 

@@ -15,6 +15,8 @@ from artifacts.store import ArtifactWriter
 from pipeline.config import AugmentConfig, Config
 from pipeline.configtypes import ConfigError, to_plain
 from pipeline.graph import Context, Planned, StageDef, register
+from stages.compute import resolved_compute
+from stages.versions import ALGORITHM_VERSIONS
 
 if TYPE_CHECKING:
     from stages.evaluate.batch import Job
@@ -138,6 +140,7 @@ def _describe_masks(manifest: Mapping[str, Any]) -> str:
 register(StageDef(
     name="masks",
     schema_version=1,
+    algorithm_version=ALGORITHM_VERSIONS["masks"],
     help="Mask proposals: one salient-object mask per image, written as HDF5 shards.",
     needs=lambda cfg: (),
     params=_masks_params,
@@ -153,6 +156,8 @@ def _train_params(ctx: Context) -> Mapping[str, Any]:
     if params["init"] != "random":  # the file's content, not its path, determines the result
         params["init"] = {"file": Path(params["init"]).name, "sha256": sha256_file(Path(params["init"]))}
     params["data"] = ctx.data_identity(ctx.cfg.data.train_split)
+    # device type and precision as the training will resolve them (train.device itself is bookkeeping)
+    params["compute"] = resolved_compute(ctx.cfg.train.device, ctx.cfg.train.amp)
     if params["augment"] == to_plain(AugmentConfig()):
         del params["augment"]  # the reference's: the parameters the versions had before the key existed
     return params
@@ -191,6 +196,7 @@ def _describe_train(manifest: Mapping[str, Any]) -> str:
 register(StageDef(
     name="train",
     schema_version=1,
+    algorithm_version=ALGORITHM_VERSIONS["train"],
     help="Contrastive embedding training on the mask shards (MaskContrast).",
     needs=lambda cfg: ("masks",),
     params=_train_params,
@@ -242,6 +248,7 @@ def _extract_splits(ctx: Context) -> tuple[str, ...]:
 def _extract_params(ctx: Context) -> Mapping[str, Any]:
     params = dict(ctx.cfg.section("extract"))
     params["splits"] = {split: ctx.data_identity(split) for split in _extract_splits(ctx)}
+    params["compute"] = resolved_compute(ctx.cfg.extract.device, "auto")  # extract autocasts on CUDA
     return params
 
 
@@ -279,6 +286,7 @@ def _describe_extract(manifest: Mapping[str, Any]) -> str:
 register(StageDef(
     name="extract",
     schema_version=1,
+    algorithm_version=ALGORITHM_VERSIONS["extract"],
     help="Embedding extraction: prototypes, salient masks and decoder features per image (HDF5).",
     needs=lambda cfg: ("train", "masks") if cfg.extract.mask_source == "masks" else ("train",),
     params=_extract_params,
@@ -413,6 +421,7 @@ def _describe_evaluate(manifest: Mapping[str, Any]) -> str:
 register(StageDef(
     name="evaluate",
     schema_version=1,
+    algorithm_version=ALGORITHM_VERSIONS["evaluate"],
     help="Evaluation report: K-means, linear-probe, retrieval and saliency protocols.",
     needs=_evaluate_needs,
     params=_evaluate_params,
@@ -544,10 +553,11 @@ def compare_plan(ctx: Context, train_refs: Sequence[str], *, retries: int = 1
     models = sorted(set(train_refs))
     extracts = {model: plan(ctx, ("extract",), pinned={"train": model}) for model in models}
     definition = StageDef(
-        name=COMPARE, schema_version=1,
+        name=COMPARE, schema_version=1, algorithm_version=ALGORITHM_VERSIONS[COMPARE],
         help="Batch evaluation: (model x protocol x seed) jobs on dask, one comparison table.",
         needs=lambda cfg: (), params=_compare_params, run=partial(_run_compare, retries=retries),
         describe=_describe_compare)
     inputs = {model: stages["extract"].spec.ref for model, stages in extracts.items()}
-    spec = ArtifactSpec(COMPARE, definition.schema_version, dict(_compare_params(ctx)), inputs)
+    spec = ArtifactSpec(COMPARE, definition.schema_version, dict(_compare_params(ctx)), inputs,
+                        definition.algorithm_version)
     return extracts, Planned(definition, spec)

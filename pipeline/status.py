@@ -36,6 +36,16 @@ def stage_state(ctx: Context, p: Planned) -> tuple[str, str]:
     return "missing", f"config changed; {len(others)} other version(s) in the store"
 
 
+def code_note(manifest, running: str | None) -> str:
+    """``"made by other code (git:...)"`` when the artifact's recorded code version is not the running
+    one. Its version still matches (the algorithm versions agree), so it is reused; the note says
+    that results come from another revision, e.g. to rerun with --force after a fix not yet bumped."""
+    made = (manifest or {}).get("code_version")
+    if not made or not running or made == running:
+        return ""
+    return f"made by other code ({made}; running {running})"
+
+
 def pipeline_status(ctx: Context, planned: dict[str, Planned],
                     problems: dict[str, str] | None = None) -> Iterator[str]:
     yield f"store {ctx.store.root}   dataset {ctx.cfg.data.root} ({ctx.dataset.layout})"
@@ -44,18 +54,22 @@ def pipeline_status(ctx: Context, planned: dict[str, Planned],
         state, detail = stage_state(ctx, p)
         info = ctx.store.info(name, p.version)
         size = human_bytes(info.size_bytes) if info.state != "missing" else "-"
+        note = code_note(info.manifest, ctx.code_version)
+        if note:
+            detail = f"{detail}; {note}" if detail else note
         yield f"{name:9s} {p.version:12s}  {state:9s} {size:>10s}  {detail}"
     for name, why in (problems or {}).items():
         yield f"{name:9s} {'-':12s}  {'unplanned':9s} {'-':>10s}  {why}"
 
 
-def list_lines(infos: Iterable[ArtifactInfo]) -> Iterator[str]:
+def list_lines(infos: Iterable[ArtifactInfo], code_version: str | None = None) -> Iterator[str]:
     yield f"{'artifact':22s} {'state':9s} {'size':>10s}  {'created':25s} inputs"
     for info in infos:
         m = info.manifest or {}
         inputs = ", ".join((m.get("inputs") or {}).values())
+        note = code_note(m, code_version)
         yield (f"{info.ref:22s} {info.state:9s} {human_bytes(info.size_bytes):>10s}  "
-               f"{str(m.get('created') or '-'):25s} {inputs}")
+               f"{str(m.get('created') or '-'):25s} {inputs}{'  [' + note + ']' if note else ''}")
 
 
 def check_dataset(index, split: str | None, *, progress: bool = True) -> list[tuple[Path, str]]:

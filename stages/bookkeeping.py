@@ -9,9 +9,11 @@ Everything that decides whether work can be reused reads this table and nothing 
 - the README's configuration table, which marks each of these keys.
 
 Keys are grouped by config section (dotted); the stage parameter objects use the same field names
-as their config section. Only worker counts, devices, inference batch sizes, how many checkpoints
-to keep and where the scheduler is belong here. (A device can change float reductions in the last
-bits; it is listed so that the same configuration names one artifact wherever it runs.)
+as their config section. Only worker counts, the device setting, inference batch sizes, how many
+checkpoints to keep and where the scheduler is belong here. The device setting is bookkeeping
+because what it changes in results, the device type and the precision, enters the train and
+extract versions resolved (``stages.compute``): ``auto`` and ``cpu`` on a machine without CUDA, or
+``cuda:0`` and ``cuda:1``, name one artifact.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from artifacts.store import COMPLETE, Store
 from pipeline.cli import cli
 
 STAGES = ("masks", "train", "extract", "evaluate")
-SETTINGS = {
+SETTINGS = {  # also the golden tests' (tests/pipeline/test_golden.py): changing them changes the digests
     "data.layout": "folder",
     "masks.shard_size": 4,
     "masks.priors.size": 32,
@@ -51,24 +51,38 @@ PROTOCOL_KEYS = {"kmeans": {"miou", "miou_std", "per_class_iou", "seeds"},
                  "saliency": {"iou", "max_f", "mean_f", "mae"}}
 
 
+def _versions(store: Store) -> dict[str, list[str]]:
+    return {stage: sorted(i.version for i in store.list(stage)) for stage in STAGES}
+
+
 def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
+    """The chain run once for this module: (root, CLI arguments, output of the first run)."""
+    return run_chain(tmp_path_factory.mktemp("chain"))
+
+
+def run_chain(root: Path) -> tuple[Path, list[str], str]:
+    """Run the chain in this process on one torch thread: float results follow the thread count
+    (a second training step's loss moved by 0.2 between one and two threads), and the golden
+    results below must not depend on the machine's core count."""
+    import torch
+
     r = invoke("data", "make-demo", str(root / "data"), "--n-train", "8", "--n-val", "8", "--size", "32")
     assert r.exit_code == 0, r.output
     sets = [a for k, v in {"data.root": root / "data", **SETTINGS}.items() for a in ("--set", f"{k}={v}")]
     args = ["--store", str(root / "store"), *sets]
-    first = invoke(*args, "-q", "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = invoke(*args, "-q", "run")
+    finally:
+        torch.set_num_threads(threads)
     assert first.exit_code == 0, first.output
     return root, args, first.output
-
-
-def _versions(store: Store) -> dict[str, list[str]]:
-    return {stage: sorted(i.version for i in store.list(stage)) for stage in STAGES}
 
 
 def test_real_chain_makes_complete_artifacts(chain):
@@ -104,3 +118,117 @@ def test_real_chain_rerun_does_no_work(chain):
     assert {i.ref: (i.manifest["finished"], i.manifest["attempts"]) for i in store.list()} == before
     assert _versions(store) == {s: [ref.split("/")[1] for ref in before if ref.startswith(s + "/")] for s in STAGES}
     assert {p: p.stat().st_mtime_ns for p in (root / "store").rglob("*") if p.is_file()} == mtimes
+
+
+# -- golden results: each stage's output on this fixed input, per algorithm version -----------------
+# A small rounded summary of each stage's result, compared with a tolerance that float noise across
+# machines and thread counts does not reach. A change means the stage's results changed: bump the
+# stage's number in stages/versions.py (so that artifacts made by the old code are not reused as if
+# the new code had made them) and pin the new summary under the new number. Downstream stages are
+# judged only when everything upstream still matches.
+TOLERANCE = {"masks": 0.011, "train": 0.03, "extract": 0.021, "evaluate": 1.01}
+GOLDEN: dict[str, dict[int, object]] = {
+    "masks": {1: [['demo_00000', True, 0.28], ['demo_00001', True, 0.16], ['demo_00002', True, 0.11],
+         ['demo_00003', True, 0.03], ['demo_00004', True, 0.22], ['demo_00005', True, 0.05],
+         ['demo_00006', True, 0.14], ['demo_00007', True, 0.05], ['demo_00008', True, 0.24],
+         ['demo_00009', True, 0.16], ['demo_00010', True, 0.07], ['demo_00011', True, 0.08],
+         ['demo_00012', True, 0.09], ['demo_00013', True, 0.03], ['demo_00014', True, 0.08],
+         ['demo_00015', True, 0.08]]},
+    "train": {1: {'losses': [1.62, 2.43], 'weight_mean_abs': 0.0188}},
+    "extract": {1: {'ids': ['demo_00008', 'demo_00009', 'demo_00010', 'demo_00011', 'demo_00012', 'demo_00013',
+                 'demo_00014', 'demo_00015'],
+         'prototypes': [[0.08, -0.21, 0.27, -0.18, -0.05, 0.26], [0.04, -0.23, 0.31, -0.14, -0.01, 0.25],
+                        [0.05, -0.22, 0.32, -0.15, -0.03, 0.24], [0.08, -0.21, 0.27, -0.19, -0.06, 0.26],
+                        [0.05, -0.23, 0.31, -0.14, -0.02, 0.24], [0.08, -0.21, 0.29, -0.19, -0.06, 0.24],
+                        [0.09, -0.19, 0.24, -0.2, -0.06, 0.27], [0.07, -0.21, 0.29, -0.18, -0.05, 0.25]],
+         'valid': [True, True, True, True, True, True, True, True]}},
+    "evaluate": {1: {'kmeans': {'miou': 37.0},
+         'linear': {'miou': 15.5},
+         'retrieval': {'miou': 15.8},
+         'saliency': {'iou': 0.55, 'mae': 0.14, 'max_f': 0.81}}},
+}
+
+
+def fingerprint(stage: str, path: Path) -> object:
+    """The rounded result of ``stage`` in its artifact directory ``path``."""
+    import h5py
+    import numpy as np
+
+    def r(x, n):
+        return round(float(x), n) + 0.0  # + 0.0: no -0.0
+
+    if stage == "masks":
+        out = []
+        for shard in sorted(path.glob("shard-*.h5")):
+            with h5py.File(shard, "r") as f:
+                out += [[i.decode() if isinstance(i, bytes) else i, bool(k), r(fg, 2)]
+                        for i, k, fg in zip(f["ids"][:], f["kept"][:], f["fg_fraction"][:])]
+        return out
+    if stage == "train":
+        import torch
+
+        losses = [r(rec["loss"], 2) for rec in map(json.loads, (path / "log.jsonl").read_text().splitlines())
+                  if "loss" in rec and "step" in rec]
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
+        weights = state.get("model", state.get("state_dict", state))
+        params = [v for k, v in sorted(weights.items()) if hasattr(v, "dtype") and v.dtype.is_floating_point
+                  and "running" not in k]
+        return {"losses": losses, "weight_mean_abs": r(sum(float(v.double().abs().sum()) for v in params)
+                                                       / sum(v.numel() for v in params), 4)}
+    if stage == "extract":
+        from artifacts.embeddings import EmbeddingStore
+
+        ids, protos, valid = EmbeddingStore(path / "val").prototypes()
+        return {"ids": list(ids), "valid": valid.tolist(),
+                "prototypes": [[r(x, 2) for x in row[:6]] for row in protos.astype(np.float64)]}
+    metrics = json.loads((path / "metrics.json").read_text())
+    return {p: {k: r(v, 1 if k == "miou" else 2) for k, v in m.items() if k in ("miou", "iou", "max_f", "mae")}
+            for p, m in sorted(metrics.items())}
+
+
+def differences(pinned: object, got: object, tol: float, where: str = "") -> list[str]:
+    """Where ``got`` differs from ``pinned``: numbers by more than ``tol``, anything else at all."""
+    if isinstance(pinned, dict) and isinstance(got, dict):
+        if set(pinned) != set(got):
+            return [f"{where}: keys {sorted(pinned)} != {sorted(got)}"]
+        return [d for k in pinned for d in differences(pinned[k], got[k], tol, f"{where}.{k}")]
+    if isinstance(pinned, list) and isinstance(got, list):
+        if len(pinned) != len(got):
+            return [f"{where}: {len(pinned)} items != {len(got)}"]
+        return [d for i, (a, b) in enumerate(zip(pinned, got)) for d in differences(a, b, tol, f"{where}[{i}]")]
+    if isinstance(pinned, float) and isinstance(got, float):
+        return [] if abs(pinned - got) <= tol else [f"{where}: {pinned} -> {got}"]
+    return [] if pinned == got else [f"{where}: {pinned!r} -> {got!r}"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_golden_result_per_algorithm_version(chain, stage):
+    from stages.versions import ALGORITHM_VERSIONS
+
+    store = Store(chain[0] / "store")
+    for upstream in STAGES[:STAGES.index(stage)]:
+        [info] = store.list(upstream)
+        pinned = GOLDEN[upstream].get(ALGORITHM_VERSIONS[upstream])
+        if pinned is None or differences(pinned, fingerprint(upstream, info.path), TOLERANCE[upstream]):
+            pytest.skip(f"upstream stage {upstream} does not match its golden result: see its test first")
+    [info] = store.list(stage)
+    got = fingerprint(stage, info.path)
+    version = ALGORITHM_VERSIONS[stage]
+    assert version in GOLDEN[stage], (
+        f"no golden result for stage {stage!r} at algorithm version {version}: pin "
+        f"GOLDEN[{stage!r}][{version}] = {got!r}")
+    diff = differences(GOLDEN[stage][version], got, TOLERANCE[stage])
+    assert not diff, (
+        f"stage {stage!r} gives other results than its algorithm version {version} did ({'; '.join(diff[:5])}). "
+        f"If the change is intended, bump ALGORITHM_VERSIONS[{stage!r}] in stages/versions.py to {version + 1} "
+        f"and pin GOLDEN[{stage!r}][{version + 1}] = {got!r}")
+
+
+def test_golden_failure_names_the_stage_to_bump(chain, monkeypatch):
+    changed = {1: {**GOLDEN["train"][1], "losses": [9.0, 9.0]}}
+    monkeypatch.setitem(GOLDEN, "train", changed)
+    with pytest.raises(AssertionError, match=r"stage 'train' gives other results .* bump "
+                                             r"ALGORITHM_VERSIONS\['train'\] in stages/versions.py to 2"):
+        test_golden_result_per_algorithm_version(chain, "train")
+    with pytest.raises(pytest.skip.Exception, match="upstream stage train does not match"):
+        test_golden_result_per_algorithm_version(chain, "extract")

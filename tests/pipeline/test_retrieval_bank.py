@@ -138,10 +138,12 @@ def test_null_bank_split_keeps_the_versions_made_before_the_key(project):
               "linear": {**{k: v for k, v in section["linear"].items() if k != "crf"}, "seed": section["seeds"][0]},
               "retrieval": {"class_subset": None},
               "labels": {s: null.data_identity(s) for s in ("val", "train")}}
-    assert ev.version == ArtifactSpec("evaluate", ev.schema_version, before, ev.inputs).version
+    assert ev.version == ArtifactSpec("evaluate", ev.schema_version, before, ev.inputs, ev.algorithm_version).version
     ex = p_null["extract"].spec
-    before_extract = {**null.cfg.section("extract"), "splits": {s: null.data_identity(s) for s in ("val", "train")}}
-    assert ex.version == ArtifactSpec("extract", ex.schema_version, before_extract, ex.inputs).version
+    before_extract = {**null.cfg.section("extract"), "splits": {s: null.data_identity(s) for s in ("val", "train")},
+                      "compute": ex.params["compute"]}  # the resolved device type and precision
+    assert ex.version == ArtifactSpec("extract", ex.schema_version, before_extract, ex.inputs,
+                                      ex.algorithm_version).version
     # a bank split is a new extract and evaluate version; masks and train are untouched
     assert p_bank["extract"].version != p_null["extract"].version
     assert p_bank["evaluate"].version != p_null["evaluate"].version

@@ -28,8 +28,10 @@ def test_reference_augment_is_left_out_of_the_version(project):
     ctx, spec = _train(*REFERENCE)
     assert "augment" not in spec.params
     section = {k: v for k, v in ctx.cfg.section("train").items() if k != "augment"}
-    before = {**section, "data": ctx.data_identity("train")}  # the formula before the key existed
-    assert spec.version == ArtifactSpec("train", spec.schema_version, before, spec.inputs).version
+    before = {**section, "data": ctx.data_identity("train"),  # the formula before the key existed
+              "compute": spec.params["compute"]}  # (the resolved device type and precision came later)
+    assert spec.version == ArtifactSpec("train", spec.schema_version, before, spec.inputs,
+                                        spec.algorithm_version).version
 
 
 def test_other_augment_is_a_new_version_naming_it(project):

@@ -1,6 +1,10 @@
 """Artifact versions are names users hold on to (store paths, READMEs, notes): pin the versions that
-``pipeline.yaml`` and every preset plan on a fixed tiny dataset, so that a change which renames
-every artifact is made on purpose (update the pins and say so), never by accident."""
+``pipeline.yaml`` and every preset plan on a fixed tiny dataset (on the CPU), so that a change which
+renames every artifact is made on purpose (update the pins and say so), never by accident.
+
+History: the pins moved once, when algorithm versions (stages/versions.py) and the resolved device
+type and precision entered the versions; the bookkeeping and data.max_pixels changes before that
+kept every version."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,11 +22,11 @@ VARIANTS = {"pipeline.yaml+bootstrap": ("pipeline.yaml", ("masks.method=bootstra
 
 #: config -> stage -> version, on ``fixed_dataset`` with the paths of ``user_paths``
 PINNED = {
-    "pipeline.yaml": {"masks": "01ca56d308e7", "train": "064f0b18068a", "extract": "30ee417a311e", "evaluate": "d7565dceabc9"},
-    "configs/davis16_mobilenet.yaml": {"masks": "40c9443ebf88", "train": "a24cc4ac6845", "extract": "6fdfdff272ee", "evaluate": "632b19f61702"},
-    "configs/voc_supervised_imagenet.yaml": {"masks": "825ae571c99f", "train": "901d452e0b3e", "extract": "9a6ba0ad6b07", "evaluate": "cf31e252edef"},
-    "configs/voc_unsupervised_moco.yaml": {"masks": "825ae571c99f", "train": "b1af0879c3ad", "extract": "2da2523787c2", "evaluate": "d5c227a4e667"},
-    "pipeline.yaml+bootstrap": {"masks": "694f1479eb2f", "train": "b99b5bbd50b6", "extract": "e51a2d3f52b9", "evaluate": "a54612f3fd63"},
+    "pipeline.yaml": {"masks": "c1b131184dda", "train": "d1f7a33fc1cd", "extract": "406925edb01f", "evaluate": "e34e1a9b81fb"},
+    "configs/davis16_mobilenet.yaml": {"masks": "16bea5aa4bb2", "train": "ddb30b9973fb", "extract": "dedd1e89015a", "evaluate": "3e39d558a029"},
+    "configs/voc_supervised_imagenet.yaml": {"masks": "cab1ee2ec5fe", "train": "f7931f159bf1", "extract": "7f6dc84553cd", "evaluate": "998aa912a171"},
+    "configs/voc_unsupervised_moco.yaml": {"masks": "cab1ee2ec5fe", "train": "77affedbadb0", "extract": "91b4025e58c4", "evaluate": "e0f7a55f0396"},
+    "pipeline.yaml+bootstrap": {"masks": "e7c019bc9690", "train": "a65c2ef17d52", "extract": "a1ca65d64923", "evaluate": "6733e515f7d0"},
 }
 
 
@@ -47,7 +51,9 @@ def user_paths(tmp: Path) -> list[str]:
     (tmp / "init.pth").write_bytes(b"pth")
     return [f"data.root={fixed_dataset(tmp / 'dataset')}", "data.layout=folder",
             f"masks.import_dir={tmp / 'masks'}", f"masks.model_path={tmp / 'model.onnx'}",
-            f"train.init={tmp / 'init.pth'}"]
+            f"train.init={tmp / 'init.pth'}",
+            # the device type enters the train and extract versions: pin the CPU ones on any machine
+            "train.device=cpu", "extract.device=cpu"]
 
 
 def planned_versions(config: str, tmp: Path, extra: tuple[str, ...] = ()) -> dict[str, str]:
@@ -70,8 +76,8 @@ def test_planned_versions_are_pinned(config, tmp_path):
 
 
 # -- bookkeeping keys: one declaration, read by every place that decides whether work is reused ------
-BOOKKEEPING_SETS = ["train.keep_last=3", "train.num_workers=0", "train.device=cpu", "extract.batch_size=1",
-                    "extract.num_workers=0", "extract.device=cpu", "masks.model.threads=4",
+BOOKKEEPING_SETS = ["train.keep_last=3", "train.num_workers=0", "train.device=auto", "extract.batch_size=1",
+                    "extract.num_workers=0", "extract.device=auto", "masks.model.threads=4",
                     "dask.scheduler=tcp://10.0.0.1:8786", "dask.n_workers=1"]
 
 
@@ -91,7 +97,39 @@ def test_every_bookkeeping_key_is_declared_once_and_exists():
 @pytest.mark.parametrize("setting", BOOKKEEPING_SETS)
 @pytest.mark.parametrize("config", ["pipeline.yaml", "configs/davis16_mobilenet.yaml"])
 def test_bookkeeping_keys_do_not_change_versions(config, setting, tmp_path):
+    if setting.endswith(".device=auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("auto is cuda here: another device type, hence another version")
     assert planned_versions(config, tmp_path, (setting,)) == PINNED[config]
+
+
+def test_device_type_and_precision_enter_versions_not_the_device_index(tmp_path):
+    cuda0 = planned_versions("pipeline.yaml", tmp_path, ("train.device=cuda:0", "extract.device=cuda:0",
+                                                         "train.amp=bf16"))
+    cuda1 = planned_versions("pipeline.yaml", tmp_path, ("train.device=cuda:1", "extract.device=cuda",
+                                                         "train.amp=bf16"))
+    fp16 = planned_versions("pipeline.yaml", tmp_path, ("train.device=cuda:0", "extract.device=cuda:0",
+                                                        "train.amp=fp16"))
+    cpu = PINNED["pipeline.yaml"]
+    assert cuda0 == cuda1  # which GPU does not matter
+    assert cuda0["masks"] == cpu["masks"] and cuda0["train"] != cpu["train"] and cuda0["extract"] != cpu["extract"]
+    assert fp16["train"] != cuda0["train"]  # the precision of training does
+
+
+def test_algorithm_versions_enter_versions(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pipeline.stagedefs  # noqa: F401  (registers the stages)
+    from pipeline.graph import STAGES
+
+    monkeypatch.setitem(STAGES, "train", dataclasses.replace(STAGES["train"],
+                                                              algorithm_version=STAGES["train"].algorithm_version + 1))
+    got = planned_versions("pipeline.yaml", tmp_path)
+    pinned = PINNED["pipeline.yaml"]
+    assert got["masks"] == pinned["masks"]  # upstream unchanged
+    assert all(got[s] != pinned[s] for s in ("train", "extract", "evaluate"))  # the bumped stage and downstream
 
 
 def test_bootstrap_bookkeeping_does_not_change_the_mask_version(tmp_path):
@@ -147,3 +185,33 @@ def test_status_with_bookkeeping_set_plans_no_new_version(tmp_path, monkeypatch)
         outs.append(r.output)
     assert PINNED["pipeline.yaml"]["train"] in outs[1]
     assert outs[0] == outs[1]
+
+
+def test_status_and_ls_flag_artifacts_made_by_other_code(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.runner import code_version
+
+    sets = user_paths(tmp_path)
+    cfg = load_config(REPO / "pipeline.yaml", sets)
+    ctx = Context(cfg=cfg, store=Store(tmp_path / "store"), quiet=True)
+    planned = plan(ctx)
+    with ctx.store.begin(planned["masks"].spec, code_version="git:0ld0ld0") as w:
+        w.complete({})
+    with ctx.store.begin(planned["train"].spec, code_version=code_version()) as w:
+        w.complete({})
+    manifest = ctx.store.info("masks", planned["masks"].version).manifest
+    assert manifest["algorithm_version"] == planned["masks"].definition.algorithm_version == 1
+    args = ["--config", str(REPO / "pipeline.yaml"), "--store", str(tmp_path / "store")]
+    for s in sets:
+        args += ["--set", s]
+    runner = CliRunner()
+    status = runner.invoke(cli, args + ["status"], catch_exceptions=False).output
+    [masks] = [ln for ln in status.splitlines() if ln.startswith("masks ")]
+    [train] = [ln for ln in status.splitlines() if ln.startswith("train ")]
+    assert "made by other code (git:0ld0ld0; running " in masks and "other code" not in train
+    listing = runner.invoke(cli, args + ["ls"], catch_exceptions=False).output
+    assert f"masks/{planned['masks'].version}" in listing and "[made by other code (git:0ld0ld0" in listing
+    entries = __import__("json").loads(runner.invoke(cli, args + ["ls", "--json"], catch_exceptions=False).output)
+    assert {e["ref"].split("/")[0]: e["other_code"] for e in entries} == {"masks": True, "train": False}
