@@ -17,9 +17,10 @@ that process is gone). A crash on another host therefore needs ``--force`` once;
 host never does. ``force`` cannot take a lock the kernel says is held.
 
 Release removes the file only while holding the lock and only if the record is still this
-owner's, so it never deletes another writer's lock. A lock is inherited by children made with
-``fork`` that keep the descriptor (flock locks belong to the open file), so a forked helper that
-outlives its parent keeps the version locked until it exits.
+owner's, so it never deletes another writer's lock. A flock lock belongs to the open file, which
+``fork`` shares with the child (data-loader workers, multiprocessing helpers): a child that
+outlived a killed writer would keep the version locked. So a child closes its copies of the held
+lock descriptors right after the fork (closing a copy never unlocks the parent's) and holds none.
 """
 from __future__ import annotations
 
@@ -82,6 +83,25 @@ def _try_flock(fd: int, mode: int) -> bool:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
         raise
+
+
+#: Locks this process holds (for the fork hook below).
+_HELD: set["VersionLock"] = set()
+
+
+def _forget_in_child() -> None:
+    """After ``fork``, in the child: close the inherited lock descriptors, hold nothing."""
+    for lock in list(_HELD):
+        if lock._fd is not None:
+            try:
+                os.close(lock._fd)
+            except OSError:
+                pass
+        lock._fd, lock._token = None, None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class VersionLock:
@@ -218,12 +238,14 @@ class VersionLock:
         os.pwrite(fd, data, 0)
         os.fsync(fd)
         self._fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         """Remove the lock file (only while holding it, only if the record is still ours) and unlock."""
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD.discard(self)
         try:
             record = _read_record(fd)
             ours = bool(record) and record.get("token") == self._token

@@ -324,3 +324,36 @@ def test_path_and_list_refuse_or_skip_unsafe_names(tmp_path):
     (tmp_path / "masks" / ".partial-copy").mkdir(parents=True)
     (tmp_path / ".trash").mkdir()
     assert store.list() == []
+
+
+def test_a_forked_helper_does_not_keep_a_killed_writers_lock(tmp_path):
+    """A writer holding the lock forks a helper that outlives it (as a data-loader worker may); the
+    writer is SIGKILLed: the version is free at once although the helper still runs."""
+    read_end, write_end = os.pipe()
+    writer = os.fork()
+    if writer == 0:  # the writer: plain fork/_exit, so that no pytest code runs in it
+        try:
+            os.close(read_end)
+            VersionLock(tmp_path / ".lock").acquire()
+            helper = os.fork()
+            if helper == 0:
+                time.sleep(60)
+                os._exit(0)
+            os.write(write_end, f"{helper}\n".encode())
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as fh:
+        helper = int(fh.readline())
+    try:
+        os.kill(writer, signal.SIGKILL)
+        os.waitpid(writer, 0)
+        os.kill(helper, 0)  # still running
+        lock = VersionLock(tmp_path / ".lock")
+        assert not lock.holder_alive()
+        with pytest.warns(UserWarning, match="stale lock"):
+            lock.acquire()
+        lock.release()
+    finally:
+        os.kill(helper, signal.SIGKILL)
