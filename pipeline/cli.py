@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -463,7 +462,10 @@ def segment(state: State, images, out_dir, report, model_ref, seed):
         paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir()
                      else [item])
     model, _ = load_model(training.path)
-    summary = segment_images(model, kmeans_file, paths, Path(out_dir), seed=seed, progress=not state.quiet)
+    from pipeline.runner import stage_environment
+
+    with stage_environment(ctx.image_environment()):  # data.max_pixels, as the stages read images
+        summary = segment_images(model, kmeans_file, paths, Path(out_dir), seed=seed, progress=not state.quiet)
     click.echo(f"segmented {summary.get('n_images', len(paths))} image(s) into {out_dir}"
                + (f"; skipped {summary['n_skipped']}" if summary.get("n_skipped") else ""))
 
@@ -525,8 +527,7 @@ def data_check(state: State, split):
     from pipeline.status import check_dataset
 
     ctx = state.context()
-    with stage_environment():  # data.max_pixels, as the stages read images
-        os.environ.update(ctx.image_environment())
+    with stage_environment(ctx.image_environment()):  # data.max_pixels, as the stages read images
         bad = check_dataset(ctx.dataset, split, progress=not state.quiet)
     for path, reason in bad:
         click.echo(f"{path}: {reason}")

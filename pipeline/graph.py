@@ -38,10 +38,10 @@ class Context:
 
     def data_identity(self, split: str | None) -> dict[str, Any]:
         """What of the dataset enters a version: layout, split name and a size-based fingerprint."""
-        ds = self.dataset
-        identity = {"layout": ds.layout, "split": split or "all", "fingerprint": ds.fingerprint(split)}
         from stages.data.io import DEFAULT_MAX_PIXELS
 
+        ds = self.dataset
+        identity = {"layout": ds.layout, "split": split or "all", "fingerprint": ds.fingerprint(split)}
         if self.cfg.data.max_pixels != DEFAULT_MAX_PIXELS:  # absent at the default: the versions made before it
             identity["max_pixels"] = self.cfg.data.max_pixels
         return identity

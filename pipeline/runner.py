@@ -112,8 +112,10 @@ def run_one(ctx: Context, p: Planned, *, force: bool = False) -> StageResult:
 
 
 @contextmanager
-def stage_environment() -> Iterator[None]:
-    """Undo, when a stage ends, whatever it changed in this process's environment variables.
+def stage_environment(settings: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Set ``settings`` (variables that carry configuration into the processes a stage starts,
+    e.g. ``Context.image_environment``) for the stage, and undo, when it ends, whatever it changed
+    in this process's environment variables.
 
     Stages share nothing in memory, and that includes ``os.environ``. The case that needs it:
     starting a dask ``LocalCluster`` sets ``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``,
@@ -126,6 +128,7 @@ def stage_environment() -> Iterator[None]:
     """
     before = dict(os.environ)
     try:
+        os.environ.update(settings or {})
         yield
     finally:
         for key in [k for k in os.environ if k not in before]:
@@ -144,8 +147,7 @@ def _run_writer(ctx: Context, p: Planned, inputs: Mapping[str, Any], *, force: b
                          restart=force) as writer:
             action = "resumed" if writer.resumed else "ran"
             log.info("%s %s: %s in %s", p.name, p.version, "continuing" if writer.resumed else "starting", writer.path)
-            with stage_environment():
-                os.environ.update(ctx.image_environment())
+            with stage_environment(ctx.image_environment()):
                 summary = p.definition.run(ctx, writer, inputs)
             writer.complete(summary)
     except KeyboardInterrupt:
@@ -167,8 +169,7 @@ def _run_distributed(ctx: Context, p: Planned, rank: int) -> StageResult:
         return _run_writer(ctx, p, inputs, force=False)
     t0 = time.perf_counter()
     path = ctx.store.path(p.name, p.version)
-    with stage_environment():
-        os.environ.update(ctx.image_environment())
+    with stage_environment(ctx.image_environment()):
         summary = p.definition.run(ctx, FollowerWriter(path), inputs)
     return StageResult(p.name, p.version, path, "ran", time.perf_counter() - t0, summary)
 
