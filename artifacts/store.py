@@ -2,9 +2,10 @@
 
 A version is a short hash of what determines an artifact's content: the stage name, the artifact
 schema version, the stage's algorithm version, its resolved parameters and the exact versions of
-its inputs. The same
-configuration on the same inputs names the same directory on any machine, so a complete version
-is skipped, a partial one is continued, and a changed configuration lands beside the old one.
+its inputs. The same configuration on the same inputs names the same directory on any machine, so
+a complete version is skipped, a partial one is continued, and a changed configuration lands
+beside the old one. Stage and version names are plain names (:func:`_check_name`): no reference
+can point outside the store.
 
 ``manifest.json`` is the source of truth for a version's state. It is rewritten atomically (temp
 file, fsync, rename) and ``status: complete`` is the last thing a stage writes, so a directory
