@@ -1,0 +1,307 @@
+"""The ``features`` estimator: salient objects from a pretrained network's feature map, no labels.
+
+Per image, on the stride-16 grid of a pretrained backbone (several stages concatenated, each
+L2-normalised, the earlier ones average-pooled to the grid):
+
+1. **Seeds.** Two label-free cues score each patch. *Spread*: the spatial standard deviation of
+   the patches that look like it (softmax of cosine similarity at ``temperature``); background
+   stuff (sky, road, water) recurs across the image, an object's parts are compact. *Border
+   contrast*: one minus the patch's mean similarity to the border ring, the side of the image an
+   object touches least. Their product (each min-max scaled) ranks the patches; the top
+   ``seed_share`` are object seeds, the border ring and the lower half are background seeds.
+2. **Propagation.** Each patch is compared with the mean object seed and with ``bg_prototypes``
+   k-means centroids of the background seeds: ``sigmoid((sim_fg - max sim_bg) / sharpness)``.
+   The object and background sets are re-estimated from that map ``iterations`` times, so the
+   object takes its full extent whatever its size.
+3. **Refinement.** A two-label dense CRF (``stages.evaluate.crf``) on the image at ``crf_size``
+   pixels snaps the grid's map to colour edges; the result is resized to the image.
+
+``object_cuts`` repeats step 1-2 on the patches not yet taken (as MaskCut repeats its cut) and
+returns every object it finds with a score, for several proposals per image.
+
+How the defaults were chosen (README, "features estimator"): on the train split of
+davis16-objects only, with the ImageNet MobileNetV2; the val split was scored once afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from stages.evaluate.crf import CRFParams, dense_crf
+
+FEATURE_BACKBONES = ("mobilenet_v2", "resnet18", "resnet50")
+GRID_STRIDE = 16
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_MIN_SEEDS = 3
+
+
+class FeaturesError(ValueError):
+    """Impossible ``features`` estimator settings."""
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """Settings of the ``features`` estimator (``masks.features``); see the module docstring."""
+
+    backbone: str = "mobilenet_v2"
+    size: int = 448  # long side of the network input, px (a multiple of 16 is used)
+    temperature: float = 0.1  # softmax temperature of the similarity used for the spread cue
+    seed_share: float = 0.03  # share of the patches taken as object seeds
+    bg_prototypes: int = 16  # k-means centroids of the background seeds
+    iterations: int = 2  # re-estimations of the object / background sets
+    sharpness: float = 0.05  # sigmoid scale of (sim_fg - sim_bg)
+    crf: bool = True
+    crf_size: int = 256  # long side (px) of the CRF refinement
+    crf_iterations: int = 5
+    crf_sxy: float = 20.0
+    crf_srgb: float = 10.0
+    crf_compat: float = 5.0
+    max_objects: int = 3  # objects ``object_cuts`` looks for
+    min_object_score: float = 0.5  # a further object's seed score relative to the first's
+
+    def __post_init__(self) -> None:
+        checks = {
+            "backbone": (self.backbone in FEATURE_BACKBONES, f"one of {', '.join(FEATURE_BACKBONES)}"),
+            "size": (GRID_STRIDE * 4 <= self.size <= 4096, "between 64 and 4096"),
+            "temperature": (self.temperature > 0, "> 0"),
+            "seed_share": (0 < self.seed_share < 0.5, "in (0, 0.5)"),
+            "bg_prototypes": (self.bg_prototypes >= 1, ">= 1"),
+            "iterations": (self.iterations >= 0, ">= 0"),
+            "sharpness": (self.sharpness > 0, "> 0"),
+            "crf_size": (32 <= self.crf_size <= 4096, "between 32 and 4096"),
+            "crf_iterations": (self.crf_iterations >= 0, ">= 0"),
+            "max_objects": (self.max_objects >= 1, ">= 1"),
+            "min_object_score": (0 <= self.min_object_score <= 1, "in [0, 1]"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise FeaturesError(f"masks.features.{name} must be {expected}, got {getattr(self, name)!r}")
+        CRFParams(iterations=self.crf_iterations, bilateral_sxy=self.crf_sxy, bilateral_srgb=self.crf_srgb,
+                  bilateral_compat=self.crf_compat)  # raises on impossible CRF values
+
+    def crf_params(self) -> CRFParams:
+        return CRFParams(iterations=self.crf_iterations, bilateral_sxy=self.crf_sxy,
+                         bilateral_srgb=self.crf_srgb, bilateral_compat=self.crf_compat)
+
+
+# -- the maths on a feature grid (pure numpy) -----------------------------------------------------------
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def border_ring(height: int, width: int) -> np.ndarray:
+    ring = np.zeros((height, width), bool)
+    ring[0], ring[-1], ring[:, 0], ring[:, -1] = True, True, True, True
+    return ring
+
+
+def seed_scores(grid: np.ndarray, temperature: float) -> np.ndarray:
+    """Objectness of each patch of a (C, H, W) grid of unit vectors: low spread x border contrast."""
+    c, h, w = grid.shape
+    x = grid.reshape(c, -1).T.astype(np.float64)  # n x C
+    sim = x @ x.T  # n x n cosine similarities
+    ys, xs = np.mgrid[0:h, 0:w]
+    pos = np.stack([ys.ravel(), xs.ravel()], 1) / max(h, w)  # n x 2
+    weights = np.exp((sim - sim.max(1, keepdims=True)) / temperature)
+    weights /= weights.sum(1, keepdims=True)
+    centre = weights @ pos
+    spread = np.sqrt(np.einsum("ij,ij->i", weights, (pos ** 2).sum(1)[None, :]) - (centre ** 2).sum(1)).clip(0)
+    contrast = 1.0 - sim[:, border_ring(h, w).ravel()].mean(1)
+    return (_minmax(-spread) * _minmax(contrast)).reshape(h, w)
+
+
+def _kmeans_centres(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> np.ndarray:
+    """k-means++ seeded Lloyd on unit vectors (deterministic for a given ``seed``)."""
+    k = min(k, len(x))
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = d2.sum()
+        idx = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        centres.append(x[idx])
+        d2 = np.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+    c = np.stack(centres)
+    for _ in range(iters):
+        assign = (x @ c.T - 0.5 * (c ** 2).sum(1)).argmax(1)
+        new = np.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(k)])
+        if np.allclose(new, c):
+            break
+        c = new
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def propagate(grid: np.ndarray, scores: np.ndarray, params: FeatureParams,
+              allowed: np.ndarray | None = None) -> np.ndarray:
+    """Object probability of each patch, grown from the top-scoring seeds (step 2)."""
+    c, h, w = grid.shape
+    x = grid.reshape(c, -1).T.astype(np.float64)
+    s = scores.ravel().copy()
+    ring = border_ring(h, w).ravel()
+    if allowed is not None:
+        s[~allowed.ravel()] = -np.inf
+    order = np.argsort(-s, kind="stable")
+    n_open = int(np.isfinite(s).sum())
+    fg = order[: max(_MIN_SEEDS, int(params.seed_share * n_open))]
+    bg = np.union1d(np.flatnonzero(ring), order[n_open // 2:])
+    bg = np.setdiff1d(bg, fg)
+    prob = np.zeros(h * w)
+    for it in range(params.iterations + 1):
+        proto_fg = x[fg].mean(0)
+        proto_fg /= max(np.linalg.norm(proto_fg), 1e-12)
+        proto_bg = _kmeans_centres(x[bg], params.bg_prototypes)
+        margin = x @ proto_fg - (x @ proto_bg.T).max(1)
+        prob = 1.0 / (1.0 + np.exp(-margin / params.sharpness))
+        if allowed is not None:
+            prob[~allowed.ravel()] = 0.0
+        grown = np.flatnonzero(prob > 0.5)
+        if it == params.iterations or len(grown) < _MIN_SEEDS:
+            break
+        fg = grown
+        bg = np.union1d(np.flatnonzero(ring), np.flatnonzero(prob < 0.5))
+        bg = np.setdiff1d(bg, fg)
+        if len(bg) == 0:
+            break
+    return prob.reshape(h, w)
+
+
+def object_cuts(grid: np.ndarray, params: FeatureParams) -> list[tuple[np.ndarray, float]]:
+    """Up to ``max_objects`` (probability map, score) pairs, best first, each on patches the
+    earlier ones left; a further object needs ``min_object_score`` of the first one's score."""
+    scores = seed_scores(grid, params.temperature)
+    allowed = np.ones(scores.shape, bool)
+    found: list[tuple[np.ndarray, float]] = []
+    for _ in range(params.max_objects):
+        if allowed.sum() < 4 * _MIN_SEEDS:
+            break
+        prob = propagate(grid, scores, params, allowed)
+        region = prob > 0.5
+        if region.sum() == 0:
+            break
+        score = float(scores[region].mean())
+        if found and score < params.min_object_score * found[0][1]:
+            break
+        found.append((prob, score))
+        allowed &= ~region
+    return found
+
+
+def foreground_grid(grid: np.ndarray, params: FeatureParams) -> np.ndarray:
+    """The first object's probability on the grid (steps 1-2)."""
+    return propagate(grid, seed_scores(grid, params.temperature), params)
+
+
+def refine(image: np.ndarray, prob: np.ndarray, params: FeatureParams) -> np.ndarray:
+    """Step 3: the grid map at image size, snapped to colour edges by a two-label dense CRF."""
+    h, w = image.shape[:2]
+    if not params.crf or params.crf_iterations == 0:
+        return cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    scale = params.crf_size / max(h, w)
+    ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = cv2.resize(image, (cw, ch), interpolation=cv2.INTER_AREA)
+    p = np.clip(cv2.resize(prob.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR), 1e-4, 1 - 1e-4)
+    q = dense_crf(np.ascontiguousarray(small), np.stack([1 - p, p]), params.crf_params())[1]
+    return cv2.resize(q.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+# -- the network: a pretrained backbone's stages on one grid ----------------------------------------------
+# MobileNetV2 blocks ending at strides 4, 8, 16 and (dilated) 16; ResNet layer1..layer4 (layer4 dilated).
+_MOBILENET_TAPS = (3, 6, 13, 17)
+
+
+def input_size(height: int, width: int, long_side: int) -> tuple[int, int]:
+    scale = long_side / max(height, width)
+    return (max(GRID_STRIDE, round(height * scale / GRID_STRIDE) * GRID_STRIDE),
+            max(GRID_STRIDE, round(width * scale / GRID_STRIDE) * GRID_STRIDE))
+
+
+class FeatureGrid:
+    """``image -> (C, H/16, W/16)`` grid of unit feature vectors from a pretrained backbone."""
+
+    def __init__(self, backbone: str, weights: str | Path | None, init_kind: str = "auto") -> None:
+        import torch
+
+        from stages.train.init import load_init
+        from stages.train.model import build_backbone
+
+        self.name = backbone
+        self.net, _ = build_backbone(backbone, GRID_STRIDE)
+        if weights is not None:
+            load_init(self.net, weights, init_kind)
+        self.net.eval()
+        self._torch = torch
+
+    def __call__(self, image: np.ndarray, long_side: int) -> np.ndarray:
+        torch = self._torch
+        import torch.nn.functional as F
+
+        h, w = input_size(image.shape[0], image.shape[1], long_side)
+        x = cv2.resize(image, (w, h), interpolation=cv2.INTER_CUBIC if max(h, w) > max(image.shape[:2])
+                       else cv2.INTER_AREA).astype(np.float32) / 255.0
+        x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+        x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+        taps = []
+        with torch.inference_mode():
+            if self.name == "mobilenet_v2":
+                for i, block in enumerate(self.net.features):
+                    x = block(x)
+                    if i in _MOBILENET_TAPS:
+                        taps.append(x)
+                    if i == _MOBILENET_TAPS[-1]:
+                        break
+            else:
+                n = self.net
+                x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+                for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+                    x = layer(x)
+                    taps.append(x)
+            gh, gw = h // GRID_STRIDE, w // GRID_STRIDE
+            parts = [F.normalize(F.adaptive_avg_pool2d(t, (gh, gw)), dim=1) for t in taps]
+            grid = torch.cat(parts, 1)[0] / np.sqrt(len(parts))
+        return grid.numpy().astype(np.float32)
+
+
+class FeatureEstimator:
+    """Picklable per-image estimator ``img -> soft map in [0, 1]``; the network loads lazily in
+    each process and runs on ``threads`` threads, so in-process and dask runs give the same maps."""
+
+    name = "features"
+
+    def __init__(self, params: FeatureParams, weights: str | Path | None, weights_sha256: str | None = None,
+                 init_kind: str = "auto", threads: int = 1) -> None:
+        self.params = params
+        self.weights = None if weights is None else str(weights)
+        self.weights_sha256 = weights_sha256
+        self.init_kind = init_kind
+        self.threads = threads
+        self._grid: FeatureGrid | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_grid": None}
+
+    def describe(self) -> dict[str, Any]:
+        return {"estimator": self.name, "estimator_params": asdict(self.params),
+                "weights_file": None if self.weights is None else Path(self.weights).name,
+                "weights_sha256": self.weights_sha256}
+
+    def features(self, img: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self._grid is None:
+            self._grid = FeatureGrid(self.params.backbone, self.weights, self.init_kind)
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return self._grid(img, self.params.size)
+        finally:
+            torch.set_num_threads(before)
+
+    def __call__(self, img: np.ndarray, sample=None) -> np.ndarray:
+        prob = foreground_grid(self.features(img), self.params)
+        return np.clip(refine(img, prob, self.params), 0.0, 1.0)
