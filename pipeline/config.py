@@ -16,6 +16,7 @@ import yaml
 
 from pipeline.configtypes import ConfigError, build, in_range, non_empty, opt, to_plain
 from stages.bookkeeping import HASHED_AS, is_bookkeeping
+from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_weights
 from stages.data.io import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG = "pipeline.yaml"
@@ -58,7 +59,7 @@ class OnnxModelConfig:
 @dataclass(frozen=True)
 class BootstrapConfig:
     backbone: Literal["resnet18", "resnet50", "mobilenet_v2"] = opt("mobilenet_v2", doc="saliency network encoder")
-    init: str = opt("random", doc="'random' or a checkpoint path for the encoder")
+    init: str = opt("random", doc="'random', 'imagenet', 'moco_v2' (resnet50) or a checkpoint path for the encoder")
     rounds: int = opt(3, doc="pseudo-label refinement rounds", check=in_range(1))
     epochs_per_round: int = opt(3, doc="training epochs per round", check=in_range(1))
     input_size: int = opt(224, doc="training/inference size (a multiple of 32)",
@@ -71,9 +72,35 @@ class BootstrapConfig:
     seed: int = opt(0)
 
 
+def _weights_value(v):
+    return "must be a weights name, 'random' or a checkpoint path" if not v else None
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    backbone: Literal["mobilenet_v2", "resnet18", "resnet50"] = opt("mobilenet_v2", doc="pretrained encoder whose features are cut")
+    init: str = opt("imagenet", doc="its weights: 'imagenet', 'moco_v2' (resnet50) or a checkpoint path", check=_weights_value)
+    init_kind: Literal["moco", "torchvision", "auto"] = opt("auto", doc="checkpoint key layout")
+    size: int = opt(448, doc="long side (px) of the network input (stride-16 grid)", check=in_range(64, 4096))
+    temperature: float = opt(0.1, doc="softmax temperature of the similarity behind the spread cue", check=in_range(0.0, lo_open=True))
+    seed_share: float = opt(0.03, doc="share of the patches taken as object seeds", check=in_range(0.0, 0.5, lo_open=True, hi_open=True))
+    bg_prototypes: int = opt(16, doc="k-means centroids of the background seeds", check=in_range(1))
+    iterations: int = opt(2, doc="re-estimations of the object and background sets", check=in_range(0))
+    sharpness: float = opt(0.05, doc="sigmoid scale of (object - background similarity)", check=in_range(0.0, lo_open=True))
+    crf: bool = opt(True, doc="refine with a two-label dense CRF on the image")
+    crf_size: int = opt(256, doc="long side (px) of the CRF refinement", check=in_range(32, 4096))
+    crf_iterations: int = opt(5, doc="mean-field iterations of the refinement", check=in_range(0))
+    crf_sxy: float = opt(20.0, doc="bilateral kernel width (px at crf_size)", check=in_range(0.0, lo_open=True))
+    crf_srgb: float = opt(10.0, doc="bilateral colour width (0..255)", check=in_range(0.0, lo_open=True))
+    crf_compat: float = opt(5.0, doc="bilateral Potts weight", check=in_range(0.0))
+    max_objects: int = opt(3, doc="objects a repeated cut looks for (several proposals per image)", check=in_range(1))
+    min_object_score: float = opt(0.5, doc="a further object's seed score relative to the first's", check=in_range(0.0, 1.0))
+    threads: int = opt(1, doc="torch threads per worker", check=in_range(1))
+
+
 @dataclass(frozen=True)
 class MasksConfig:
-    method: Literal["priors", "bootstrap", "model", "import"] = opt("priors", doc="mask-proposal estimator")
+    method: Literal["priors", "bootstrap", "model", "import", "features"] = opt("priors", doc="mask-proposal estimator")
     split: str = opt("all", doc="images to compute masks for: a split name or 'all'", check=_split_name)
     model_path: Optional[Path] = opt(None, doc="ONNX salient-object model (method: model)")
     import_dir: Optional[Path] = opt(None, doc="folder of <id>.png masks, 0/255 (method: import)")
@@ -87,6 +114,7 @@ class MasksConfig:
     priors: PriorsConfig = opt(default_factory=PriorsConfig)
     model: OnnxModelConfig = opt(default_factory=OnnxModelConfig)
     bootstrap: BootstrapConfig = opt(default_factory=BootstrapConfig)
+    features: FeaturesConfig = opt(default_factory=FeaturesConfig)
 
     def __post_init__(self):
         if self.min_fg >= self.max_fg:
@@ -125,7 +153,7 @@ class AugmentConfig:
 class TrainConfig:
     backbone: Literal["resnet50", "resnet18", "mobilenet_v2"] = opt("resnet50", doc="encoder")
     output_stride: Literal[8, 16] = opt(8, doc="encoder output stride (dilated)")
-    init: str = opt("random", doc="'random' or a checkpoint path (MoCo v2 or torchvision state dict)")
+    init: str = opt("random", doc="'random', 'imagenet', 'moco_v2' (resnet50) or a checkpoint path (MoCo v2 or torchvision state dict)")
     init_kind: Literal["moco", "torchvision", "auto"] = opt("auto", doc="checkpoint key layout")
     freeze_early: bool = opt(False, doc="freeze the first blocks (the reference does for ImageNet-supervised init)")
     epochs: int = opt(40, doc="0 = no training: the artifact holds the initialisation alone", check=in_range(0))
@@ -284,7 +312,7 @@ def _resolve_relative(cls: type, data: Any, base: Path) -> Any:
         elif _is_path_type(tp) and isinstance(out[f.name], str) and out[f.name]:
             p = Path(out[f.name]).expanduser()
             out[f.name] = str(p if p.is_absolute() else base / p)
-        elif f.name == "init" and isinstance(out[f.name], str) and out[f.name] not in ("random", ""):
+        elif f.name == "init" and isinstance(out[f.name], str) and out[f.name] not in ("random", "", *WEIGHT_NAMES):
             p = Path(out[f.name]).expanduser()
             out[f.name] = str(p if p.is_absolute() else base / p)
     return out
@@ -358,8 +386,25 @@ def check_paths(cfg: Config, *, need_data: bool = True, source: str | None = Non
         raise ConfigError(f"model file does not exist: {m.model_path}", "masks.model_path", source)
     if m.method == "import" and m.import_dir is not None and not m.import_dir.is_dir():
         raise ConfigError(f"mask folder does not exist: {m.import_dir}", "masks.import_dir", source)
-    if cfg.train.init != "random" and not Path(cfg.train.init).is_file():
-        raise ConfigError(f"expected 'random' or an existing checkpoint file, got {cfg.train.init}", "train.init", source)
-    b = cfg.masks.bootstrap
-    if m.method == "bootstrap" and b.init != "random" and not Path(b.init).is_file():
-        raise ConfigError(f"expected 'random' or an existing checkpoint file, got {b.init}", "masks.bootstrap.init", source)
+    _check_init(cfg.train.init, cfg.train.backbone, "train.init", source)
+    if m.method == "bootstrap":
+        _check_init(m.bootstrap.init, m.bootstrap.backbone, "masks.bootstrap.init", source)
+    if m.method == "features":
+        _check_init(m.features.init, m.features.backbone, "masks.features.init", source, allow_random=False)
+
+
+def _check_init(value: str, backbone: str, key: str, source: str | None, allow_random: bool = True) -> None:
+    """A weights name resolves to a checked file in the torch hub cache (downloaded if absent); a
+    path must exist. Either failure is one configuration error naming the key."""
+    expected = f"expected {'random, ' if allow_random else ''}{' or '.join(WEIGHT_NAMES)} or an existing checkpoint file"
+    if value == "random":
+        if not allow_random:
+            raise ConfigError(f"{expected}, got random (this estimator needs pretrained weights)", key, source)
+        return
+    if is_named(value):
+        try:
+            resolve_weights(value, backbone)
+        except WeightsError as error:
+            raise ConfigError(str(error), key, source) from None
+    elif not Path(value).is_file():
+        raise ConfigError(f"{expected}, got {value}", key, source)

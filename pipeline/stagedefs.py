@@ -52,11 +52,24 @@ def _masks_params(ctx: Context) -> Mapping[str, Any]:
 
         resolved = without_bookkeeping("masks.bootstrap",  # module defaults included
                                        dataclasses.asdict(_bootstrap_params(ctx.cfg)))
-        if resolved["init"] != "random":
-            resolved["init"] = {"file": Path(resolved["init"]).name, "sha256": sha256_file(Path(resolved["init"]))}
+        resolved["init"] = _init_identity(resolved["init"], resolved["backbone"])
         params["bootstrap"] = resolved
         params["priors"] = ctx.cfg.section("masks")["priors"]
+    elif m.method == "features":
+        section = dict(ctx.cfg.section("masks")["features"])
+        section["init"] = _init_identity(m.features.init, m.features.backbone)
+        params["features"] = section
     return params
+
+
+def _init_identity(init: str, backbone: str) -> Any:
+    """What an ``init`` value means for a version: the file's content, not its path or name."""
+    from stages.common.weights import resolve_init
+
+    if init == "random":
+        return init
+    path = Path(resolve_init(init, backbone))
+    return {"file": path.name, "sha256": sha256_file(path)}
 
 
 def _post_params(cfg: Config):
@@ -91,6 +104,8 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
         return BootstrapEstimator(checkpoint)
     if m.method == "priors":
         return stage.PriorsEstimator(_prior_params(cfg))
+    if m.method == "features":
+        return _features_estimator(cfg)
     if m.method == "model":
         from stages.masks.onnx_model import OnnxParams
 
@@ -101,6 +116,17 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
     if m.method == "import":
         return stage.ImportEstimator(m.import_dir)
     raise ValueError(f"unknown masks.method {m.method!r}")
+
+
+def _features_estimator(cfg: Config):
+    from stages.common.weights import resolve_init
+    from stages.masks.features import FeatureEstimator, FeatureParams
+
+    f = cfg.masks.features
+    section = cfg.section("masks", drop_volatile=False)["features"]
+    params = FeatureParams(**{k: v for k, v in section.items() if k not in ("init", "init_kind", "threads")})
+    weights = Path(resolve_init(f.init, f.backbone))
+    return FeatureEstimator(params, weights, sha256_file(weights), f.init_kind, threads=f.threads)
 
 
 def _bootstrap_params(cfg: Config):
@@ -153,8 +179,7 @@ register(StageDef(
 # -- train -------------------------------------------------------------------------------------------------
 def _train_params(ctx: Context) -> Mapping[str, Any]:
     params = dict(ctx.cfg.section("train"))
-    if params["init"] != "random":  # the file's content, not its path, determines the result
-        params["init"] = {"file": Path(params["init"]).name, "sha256": sha256_file(Path(params["init"]))}
+    params["init"] = _init_identity(params["init"], params["backbone"])  # the file's content determines the result
     params["data"] = ctx.data_identity(ctx.cfg.data.train_split)
     # device type and precision as the training will resolve them (train.device itself is bookkeeping)
     params["compute"] = resolved_compute(ctx.cfg.train.device, ctx.cfg.train.amp)

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 BOOKKEEPING: Mapping[str, frozenset[str]] = MappingProxyType({
     "masks.model": frozenset({"threads"}),
+    "masks.features": frozenset({"threads"}),
     "masks.bootstrap": frozenset({"num_workers", "device"}),
     "train": frozenset({"keep_last", "num_workers", "device"}),
     "extract": frozenset({"batch_size", "num_workers", "device"}),

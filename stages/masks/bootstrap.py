@@ -47,6 +47,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from artifacts.atomic import atomic_path, atomic_write_json, sha256_file
+from stages.common.weights import resolve_init
 from stages.data import BadInputError, Sample, load_image
 from stages.masks.priors import PriorParams, priors_saliency
 from stages.train.init import load_init
@@ -423,7 +424,7 @@ def _build_net(params: BootstrapParams, round_: int) -> tuple[SaliencyNet, dict 
     """A fresh network, seeded by (seed, round), its encoder loaded from ``params.init`` if not random."""
     torch.manual_seed(params.seed * 1000 + round_)
     net = SaliencyNet(params.backbone, params.decoder_channels, "none" if params.init == "random" else params.freeze)
-    info = None if params.init == "random" else load_init(net.backbone, params.init, "auto")
+    info = None if params.init == "random" else load_init(net.backbone, resolve_init(params.init, params.backbone), "auto")
     return net, info
 
 

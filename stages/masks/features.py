@@ -8,7 +8,8 @@ L2-normalised, the earlier ones average-pooled to the grid):
    stuff (sky, road, water) recurs across the image, an object's parts are compact. *Border
    contrast*: one minus the patch's mean similarity to the border ring, the side of the image an
    object touches least. Their product (each min-max scaled) ranks the patches; the top
-   ``seed_share`` are object seeds, the border ring and the lower half are background seeds.
+   ``seed_share`` are object seeds, the lower half and the border ring (but for its patches in
+   the top quarter: an object may touch the border) are background seeds.
 2. **Propagation.** Each patch is compared with the mean object seed and with ``bg_prototypes``
    k-means centroids of the background seeds: ``sigmoid((sim_fg - max sim_bg) / sharpness)``.
    The object and background sets are re-estimated from that map ``iterations`` times, so the
@@ -75,14 +76,15 @@ class FeatureParams:
             "sharpness": (self.sharpness > 0, "> 0"),
             "crf_size": (32 <= self.crf_size <= 4096, "between 32 and 4096"),
             "crf_iterations": (self.crf_iterations >= 0, ">= 0"),
+            "crf_sxy": (self.crf_sxy > 0, "> 0"),
+            "crf_srgb": (self.crf_srgb > 0, "> 0"),
+            "crf_compat": (self.crf_compat >= 0, ">= 0"),
             "max_objects": (self.max_objects >= 1, ">= 1"),
             "min_object_score": (0 <= self.min_object_score <= 1, "in [0, 1]"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise FeaturesError(f"masks.features.{name} must be {expected}, got {getattr(self, name)!r}")
-        CRFParams(iterations=self.crf_iterations, bilateral_sxy=self.crf_sxy, bilateral_srgb=self.crf_srgb,
-                  bilateral_compat=self.crf_compat)  # raises on impossible CRF values
 
     def crf_params(self) -> CRFParams:
         return CRFParams(iterations=self.crf_iterations, bilateral_sxy=self.crf_sxy,
@@ -149,7 +151,9 @@ def propagate(grid: np.ndarray, scores: np.ndarray, params: FeatureParams,
     order = np.argsort(-s, kind="stable")
     n_open = int(np.isfinite(s).sum())
     fg = order[: max(_MIN_SEEDS, int(params.seed_share * n_open))]
-    bg = np.union1d(np.flatnonzero(ring), order[n_open // 2:])
+    # background seeds: the lower half, and the border ring except where it scores like an object
+    # (an object that touches the border must not seed a background prototype)
+    bg = np.union1d(np.setdiff1d(np.flatnonzero(ring), order[: n_open // 4]), order[n_open // 2:])
     bg = np.setdiff1d(bg, fg)
     prob = np.zeros(h * w)
     for it in range(params.iterations + 1):
@@ -164,11 +168,22 @@ def propagate(grid: np.ndarray, scores: np.ndarray, params: FeatureParams,
         if it == params.iterations or len(grown) < _MIN_SEEDS:
             break
         fg = grown
-        bg = np.union1d(np.flatnonzero(ring), np.flatnonzero(prob < 0.5))
-        bg = np.setdiff1d(bg, fg)
+        bg = np.flatnonzero(prob < 0.5)
         if len(bg) == 0:
             break
     return prob.reshape(h, w)
+
+
+def _seeded_component(region: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The 8-connected part of ``region`` that holds its best-scoring patch: a propagation may
+    reach a second, separate object, which a later cut is to take on its own."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(region, structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return region
+    best = np.where(region, scores, -np.inf).argmax()
+    return labels == labels.ravel()[best]
 
 
 def object_cuts(grid: np.ndarray, params: FeatureParams) -> list[tuple[np.ndarray, float]]:
@@ -181,9 +196,10 @@ def object_cuts(grid: np.ndarray, params: FeatureParams) -> list[tuple[np.ndarra
         if allowed.sum() < 4 * _MIN_SEEDS:
             break
         prob = propagate(grid, scores, params, allowed)
-        region = prob > 0.5
+        region = _seeded_component(prob > 0.5, scores)
         if region.sum() == 0:
             break
+        prob = np.where(region, prob, np.minimum(prob, 0.5 - 1e-6))  # other objects wait for their own cut
         score = float(scores[region].mean())
         if found and score < params.min_object_score * found[0][1]:
             break

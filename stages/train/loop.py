@@ -60,6 +60,7 @@ from artifacts.checkpoints import (
 )
 from artifacts.masks import MaskStore
 from stages.bookkeeping import BOOKKEEPING
+from stages.common.weights import resolve_init
 from stages.data import Sample
 
 from . import distributed as D
@@ -425,7 +426,8 @@ class Trainer:
         p = self.params
         _seed_all(p.seed)
         model = build_model(model_config(p))  # frozen as configured; loading weights still works
-        report = load_init(model.backbone, p.init, p.init_kind) if p.init != "random" else None
+        report = (load_init(model.backbone, resolve_init(p.init, p.backbone), p.init_kind)
+                  if p.init != "random" else None)
         return model, report
 
     def _check_data(self, info: D.DistInfo) -> MaskStore:
