@@ -188,3 +188,34 @@ def test_pixel_limit_skips_large_images_with_their_reason(project):
     r = invoke("-q", "--set", "data.max_pixels=3000", "data", "check")
     assert r.exit_code == 1 and "big.png: more pixels than data.max_pixels (3000)" in r.output
     assert "MASKCONTRAST_MAX_PIXELS" not in __import__("os").environ  # scoped to the stage
+
+
+def test_named_weights_offline_is_exit_2_naming_url_and_path(project, tmp_path, monkeypatch):
+    import urllib.error
+
+    from stages.common import weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+
+    def offline(url, dest):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(weights, "_download", offline)
+    r = invoke("--set", "train.init=imagenet", "--set", "train.backbone=resnet18", "status")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "train.init" in r.output and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in r.output
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in r.output
+
+
+def test_a_weights_name_versions_like_the_same_file_by_path(project, tmp_path, monkeypatch, mobilenet_weights):
+    import shutil
+
+    cache = tmp_path / "th" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    shutil.copy(mobilenet_weights, cache / mobilenet_weights.name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    by_name = invoke("--set", "train.init=imagenet", "--set", "train.backbone=mobilenet_v2", "status")
+    by_path = invoke("--set", f"train.init={mobilenet_weights}", "--set", "train.backbone=mobilenet_v2", "status")
+    assert by_name.exit_code == 0, by_name.output
+    train_line = [line for line in by_name.output.splitlines() if line.startswith("train")]
+    assert train_line and train_line == [line for line in by_path.output.splitlines() if line.startswith("train")]
