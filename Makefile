@@ -21,7 +21,7 @@ $(DEMO)/README.txt: stages/data/demo.py | setup  # rewritten when the generator 
 	$(BIN)/maskcontrast data make-demo $(DEMO)
 
 demo: setup $(DEMO)/README.txt
-	$(BIN)/maskcontrast --set data.root=$(DEMO) run
+	$(BIN)/maskcontrast --config configs/demo.yaml --set data.root=$(DEMO) run
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,9 +18,16 @@ def write(tmp_path, text):
 
 
 def test_repository_pipeline_yaml_is_valid():
-    cfg = load_config(REPO / "pipeline.yaml")
-    assert cfg.masks.method == "priors"
-    assert cfg.data.root == REPO / "demo-data"  # relative to the file's directory
+    cfg = load_config(REPO / "pipeline.yaml")  # the defaults for real photos
+    assert cfg.masks.method == "features" and cfg.masks.features.init == "imagenet"
+    assert cfg.train.init == "imagenet" and cfg.train.backbone == "mobilenet_v2"
+    assert cfg.data.root == REPO / "photos"  # relative to the file's directory
+
+
+def test_demo_config_is_weight_free():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.masks.method == "priors" and cfg.train.init == "random"
+    assert cfg.data.root.resolve() == REPO / "demo-data" and cfg.store.resolve() == REPO / "store"
 
 
 def test_defaults_without_file():
@@ -121,7 +128,7 @@ def test_check_paths(tmp_path):
         check_paths(cfg)
     (tmp_path / "d").mkdir()
     cfg = load_config(write(tmp_path, "data:\n  root: d\ntrain:\n  init: missing.pth\n"))
-    with pytest.raises(ConfigError, match="train.init: expected 'random' or an existing checkpoint"):
+    with pytest.raises(ConfigError, match="train.init: expected random, imagenet or moco_v2 or an existing checkpoint file, got"):
         check_paths(cfg)
     cfg = load_config(write(tmp_path, "data:\n  root: d\nmasks:\n  method: model\n  model_path: m.onnx\n"))
     with pytest.raises(ConfigError, match="masks.model_path: model file does not exist"):

@@ -18,15 +18,16 @@ from pipeline.graph import Context, plan
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ["pipeline.yaml"] + sorted(f"configs/{p.name}" for p in (REPO / "configs").glob("*.yaml"))
 #: variants whose parameters are assembled by other code paths
-VARIANTS = {"pipeline.yaml+bootstrap": ("pipeline.yaml", ("masks.method=bootstrap",))}
+VARIANTS = {"configs/demo.yaml+bootstrap": ("configs/demo.yaml", ("masks.method=bootstrap",))}
 
 #: config -> stage -> version, on ``fixed_dataset`` with the paths of ``user_paths``
 PINNED = {
-    "pipeline.yaml": {"masks": "c1b131184dda", "train": "d1f7a33fc1cd", "extract": "406925edb01f", "evaluate": "e34e1a9b81fb"},
+    "pipeline.yaml": {"masks": "c308c29c5b3a", "train": "799f3cefd821", "extract": "cfbae6c2802c", "evaluate": "803831e9cb6d"},
+    "configs/demo.yaml": {"masks": "c1b131184dda", "train": "d1f7a33fc1cd", "extract": "406925edb01f", "evaluate": "e34e1a9b81fb"},
     "configs/davis16_mobilenet.yaml": {"masks": "16bea5aa4bb2", "train": "ddb30b9973fb", "extract": "dedd1e89015a", "evaluate": "3e39d558a029"},
     "configs/voc_supervised_imagenet.yaml": {"masks": "cab1ee2ec5fe", "train": "f7931f159bf1", "extract": "7f6dc84553cd", "evaluate": "998aa912a171"},
     "configs/voc_unsupervised_moco.yaml": {"masks": "cab1ee2ec5fe", "train": "77affedbadb0", "extract": "91b4025e58c4", "evaluate": "e0f7a55f0396"},
-    "pipeline.yaml+bootstrap": {"masks": "e7c019bc9690", "train": "a65c2ef17d52", "extract": "a1ca65d64923", "evaluate": "6733e515f7d0"},
+    "configs/demo.yaml+bootstrap": {"masks": "e7c019bc9690", "train": "a65c2ef17d52", "extract": "a1ca65d64923", "evaluate": "6733e515f7d0"},
 }
 
 
@@ -51,7 +52,7 @@ def user_paths(tmp: Path) -> list[str]:
     (tmp / "init.pth").write_bytes(b"pth")
     return [f"data.root={fixed_dataset(tmp / 'dataset')}", "data.layout=folder",
             f"masks.import_dir={tmp / 'masks'}", f"masks.model_path={tmp / 'model.onnx'}",
-            f"train.init={tmp / 'init.pth'}",
+            f"train.init={tmp / 'init.pth'}", f"masks.features.init={tmp / 'init.pth'}",
             # the device type enters the train and extract versions: pin the CPU ones on any machine
             "train.device=cpu", "extract.device=cpu"]
 
@@ -77,7 +78,7 @@ def test_planned_versions_are_pinned(config, tmp_path):
 
 # -- bookkeeping keys: one declaration, read by every place that decides whether work is reused ------
 BOOKKEEPING_SETS = ["train.keep_last=3", "train.num_workers=0", "train.device=auto", "extract.batch_size=1",
-                    "extract.num_workers=0", "extract.device=auto", "masks.model.threads=4",
+                    "extract.num_workers=0", "extract.device=auto", "masks.model.threads=4", "masks.features.threads=4",
                     "dask.scheduler=tcp://10.0.0.1:8786", "dask.n_workers=1"]
 
 
@@ -95,7 +96,7 @@ def test_every_bookkeeping_key_is_declared_once_and_exists():
 
 
 @pytest.mark.parametrize("setting", BOOKKEEPING_SETS)
-@pytest.mark.parametrize("config", ["pipeline.yaml", "configs/davis16_mobilenet.yaml"])
+@pytest.mark.parametrize("config", ["pipeline.yaml", "configs/demo.yaml", "configs/davis16_mobilenet.yaml"])
 def test_bookkeeping_keys_do_not_change_versions(config, setting, tmp_path):
     if setting.endswith(".device=auto"):
         import torch
@@ -106,13 +107,13 @@ def test_bookkeeping_keys_do_not_change_versions(config, setting, tmp_path):
 
 
 def test_device_type_and_precision_enter_versions_not_the_device_index(tmp_path):
-    cuda0 = planned_versions("pipeline.yaml", tmp_path, ("train.device=cuda:0", "extract.device=cuda:0",
+    cuda0 = planned_versions("configs/demo.yaml", tmp_path, ("train.device=cuda:0", "extract.device=cuda:0",
                                                          "train.amp=bf16"))
-    cuda1 = planned_versions("pipeline.yaml", tmp_path, ("train.device=cuda:1", "extract.device=cuda",
+    cuda1 = planned_versions("configs/demo.yaml", tmp_path, ("train.device=cuda:1", "extract.device=cuda",
                                                          "train.amp=bf16"))
-    fp16 = planned_versions("pipeline.yaml", tmp_path, ("train.device=cuda:0", "extract.device=cuda:0",
+    fp16 = planned_versions("configs/demo.yaml", tmp_path, ("train.device=cuda:0", "extract.device=cuda:0",
                                                         "train.amp=fp16"))
-    cpu = PINNED["pipeline.yaml"]
+    cpu = PINNED["configs/demo.yaml"]
     assert cuda0 == cuda1  # which GPU does not matter
     assert cuda0["masks"] == cpu["masks"] and cuda0["train"] != cpu["train"] and cuda0["extract"] != cpu["extract"]
     assert fp16["train"] != cuda0["train"]  # the precision of training does
@@ -126,8 +127,8 @@ def test_algorithm_versions_enter_versions(tmp_path, monkeypatch):
 
     monkeypatch.setitem(STAGES, "train", dataclasses.replace(STAGES["train"],
                                                               algorithm_version=STAGES["train"].algorithm_version + 1))
-    got = planned_versions("pipeline.yaml", tmp_path)
-    pinned = PINNED["pipeline.yaml"]
+    got = planned_versions("configs/demo.yaml", tmp_path)
+    pinned = PINNED["configs/demo.yaml"]
     assert got["masks"] == pinned["masks"]  # upstream unchanged
     assert all(got[s] != pinned[s] for s in ("train", "extract", "evaluate"))  # the bumped stage and downstream
 
@@ -144,10 +145,10 @@ def test_bootstrap_bookkeeping_does_not_change_the_mask_version(tmp_path):
     real = stagedefs._bootstrap_params
     stagedefs._bootstrap_params = lambda cfg: dataclasses.replace(real(cfg), num_workers=3, device="cpu")
     try:
-        got = planned_versions("pipeline.yaml", tmp_path, ("masks.method=bootstrap",))
+        got = planned_versions("configs/demo.yaml", tmp_path, ("masks.method=bootstrap",))
     finally:
         stagedefs._bootstrap_params = real
-    assert got == PINNED["pipeline.yaml+bootstrap"]
+    assert got == PINNED["configs/demo.yaml+bootstrap"]
 
 
 def test_stage_parameter_objects_read_the_same_declaration():
@@ -165,7 +166,7 @@ def test_stage_parameter_objects_read_the_same_declaration():
 
 @pytest.mark.parametrize("setting", ["train.epochs=3", "extract.input_size=256", "masks.threshold=0.4"])
 def test_result_keys_do_change_versions(setting, tmp_path):
-    assert planned_versions("pipeline.yaml", tmp_path, (setting,)) != PINNED["pipeline.yaml"]
+    assert planned_versions("configs/demo.yaml", tmp_path, (setting,)) != PINNED["configs/demo.yaml"]
 
 
 def test_status_with_bookkeeping_set_plans_no_new_version(tmp_path, monkeypatch):
@@ -177,13 +178,13 @@ def test_status_with_bookkeeping_set_plans_no_new_version(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     outs = []
     for extra in ([], ["--set", "train.keep_last=3"]):
-        args = ["--config", str(REPO / "pipeline.yaml"), "--store", str(tmp_path / "store")]
+        args = ["--config", str(REPO / "configs" / "demo.yaml"), "--store", str(tmp_path / "store")]
         for s in sets + extra[1:]:
             args += ["--set", s]
         r = CliRunner().invoke(cli, args + ["status"], catch_exceptions=False)
         assert r.exit_code == 0, r.output
         outs.append(r.output)
-    assert PINNED["pipeline.yaml"]["train"] in outs[1]
+    assert PINNED["configs/demo.yaml"]["train"] in outs[1]
     assert outs[0] == outs[1]
 
 
@@ -194,7 +195,7 @@ def test_status_and_ls_flag_artifacts_made_by_other_code(tmp_path, monkeypatch):
     from pipeline.runner import code_version
 
     sets = user_paths(tmp_path)
-    cfg = load_config(REPO / "pipeline.yaml", sets)
+    cfg = load_config(REPO / "configs" / "demo.yaml", sets)
     ctx = Context(cfg=cfg, store=Store(tmp_path / "store"), quiet=True)
     planned = plan(ctx)
     with ctx.store.begin(planned["masks"].spec, code_version="git:0ld0ld0") as w:
@@ -203,7 +204,7 @@ def test_status_and_ls_flag_artifacts_made_by_other_code(tmp_path, monkeypatch):
         w.complete({})
     manifest = ctx.store.info("masks", planned["masks"].version).manifest
     assert manifest["algorithm_version"] == planned["masks"].definition.algorithm_version == 1
-    args = ["--config", str(REPO / "pipeline.yaml"), "--store", str(tmp_path / "store")]
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--store", str(tmp_path / "store")]
     for s in sets:
         args += ["--set", s]
     runner = CliRunner()
