@@ -74,7 +74,8 @@ def run_chain(root: Path) -> tuple[Path, list[str], str]:
     r = invoke("data", "make-demo", str(root / "data"), "--n-train", "8", "--n-val", "8", "--size", "32")
     assert r.exit_code == 0, r.output
     sets = [a for k, v in {"data.root": root / "data", **SETTINGS}.items() for a in ("--set", f"{k}={v}")]
-    args = ["--store", str(root / "store"), *sets]
+    demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"  # weight-free, offline
+    args = ["--config", str(demo), "--store", str(root / "store"), *sets]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
