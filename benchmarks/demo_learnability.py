@@ -11,7 +11,7 @@ object's mean colour. Chance is 1 / number of foreground classes.
     python benchmarks/demo_learnability.py --data demo-data --store store --supervised
 
 ``--store`` must hold a complete masks artifact for the dataset (``maskcontrast masks``); training
-uses its masks, as the pipeline does. Defaults are the demo's pipeline.yaml training settings.
+uses its masks, as the pipeline does. Defaults are the demo's (configs/demo.yaml) training settings.
 """
 from __future__ import annotations
 

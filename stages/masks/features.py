@@ -247,7 +247,9 @@ class FeatureGrid:
         from stages.train.model import build_backbone
 
         self.name = backbone
-        self.net, _ = build_backbone(backbone, GRID_STRIDE)
+        with torch.random.fork_rng(devices=[]):  # without weights: the same network in every process
+            torch.manual_seed(0)
+            self.net, _ = build_backbone(backbone, GRID_STRIDE)
         if weights is not None:
             load_init(self.net, weights, init_kind)
         self.net.eval()
