@@ -12,7 +12,9 @@ processes on top). The second fit reuses the first fit's prior cache (same key),
 training alone.
 
     python benchmarks/bench_bootstrap.py [--inits random,imagenet] [--work DIR] [--workers 2]
-        [--threads N] [--input-size 128] [--rounds 3] [--epochs 5] [--limit N]
+        [--threads N] [--input-size 128] [--rounds 3] [--epochs 5] [--limit N] [--teacher features]
+
+The teacher's baseline row is its map at input_size, upsampled (as the fit sees it).
 """
 from __future__ import annotations
 
@@ -87,6 +89,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=BootstrapParams.rounds)
     ap.add_argument("--epochs", type=int, default=BootstrapParams.epochs_per_round)
     ap.add_argument("--limit", type=int, default=0, help="first N images (0: all)")
+    ap.add_argument("--teacher", choices=("priors", "features"), default="priors",
+                    help="first pseudo-labels: the hand-crafted priors, or the features estimator "
+                         "(ImageNet MobileNetV2 from --weights; masks.bootstrap.teacher)")
     args = ap.parse_args()
     if not args.root.is_dir():
         sys.exit(f"dataset not found: {args.root}")
@@ -97,7 +102,12 @@ def main() -> None:
         samples = samples[: args.limit]
     images = [load_image(s.image) for s in samples]
     gts = [load_label(s.label) > 0 for s in samples]
-    prior_params = PriorParams()
+    if args.teacher == "features":
+        from stages.masks.features import FeatureEstimator, FeatureParams
+
+        prior_params = FeatureEstimator(FeatureParams(), args.weights)
+    else:
+        prior_params = PriorParams()
     base_params = BootstrapParams(input_size=args.input_size, rounds=args.rounds, epochs_per_round=args.epochs,
                                   num_workers=args.workers)
     inits = {"random": "random", "imagenet": str(args.weights)}
@@ -123,7 +133,7 @@ def main() -> None:
                 if [str(i) for i in z["ids"]] != [s.id for s in samples]:
                     sys.exit(f"{cache}: some images were skipped; this benchmark expects all of them readable")
                 base = _score_maps(z["maps"], gts)
-            print(_row("priors (baseline)", base, None), flush=True)
+            print(_row(f"{args.teacher} (teacher, baseline)", base, None), flush=True)
         for r in range(1, params.rounds + 1):
             result, secs = _score_estimator(BootstrapEstimator(round_checkpoint(work, r)), images, gts)
             print(_row(f"{name} round {r} network", result, base) + f" | {secs * 1000:.0f} ms/img", flush=True)

@@ -60,6 +60,7 @@ class OnnxModelConfig:
 class BootstrapConfig:
     backbone: Literal["resnet18", "resnet50", "mobilenet_v2"] = opt("mobilenet_v2", doc="saliency network encoder")
     init: str = opt("random", doc="'random', 'imagenet', 'moco_v2' (resnet50) or a checkpoint path for the encoder")
+    teacher: Literal["priors", "features"] = opt("priors", doc="first pseudo-labels: the hand-crafted priors or the features estimator (masks.features)")
     rounds: int = opt(3, doc="pseudo-label refinement rounds", check=in_range(1))
     epochs_per_round: int = opt(3, doc="training epochs per round", check=in_range(1))
     input_size: int = opt(224, doc="training/inference size (a multiple of 32)",
@@ -389,7 +390,7 @@ def check_paths(cfg: Config, *, need_data: bool = True, source: str | None = Non
     _check_init(cfg.train.init, cfg.train.backbone, "train.init", source)
     if m.method == "bootstrap":
         _check_init(m.bootstrap.init, m.bootstrap.backbone, "masks.bootstrap.init", source)
-    if m.method == "features":
+    if m.method == "features" or (m.method == "bootstrap" and m.bootstrap.teacher == "features"):
         _check_init(m.features.init, m.features.backbone, "masks.features.init", source, allow_random=False)
 
 

@@ -54,12 +54,20 @@ def _masks_params(ctx: Context) -> Mapping[str, Any]:
                                        dataclasses.asdict(_bootstrap_params(ctx.cfg)))
         resolved["init"] = _init_identity(resolved["init"], resolved["backbone"])
         params["bootstrap"] = resolved
-        params["priors"] = ctx.cfg.section("masks")["priors"]
+        if m.bootstrap.teacher == "priors":  # the teacher key is left out: the versions made before it existed
+            params["priors"] = ctx.cfg.section("masks")["priors"]
+        else:
+            params["bootstrap"]["teacher"] = m.bootstrap.teacher
+            params["features"] = _features_identity(ctx.cfg)
     elif m.method == "features":
-        section = dict(ctx.cfg.section("masks")["features"])
-        section["init"] = _init_identity(m.features.init, m.features.backbone)
-        params["features"] = section
+        params["features"] = _features_identity(ctx.cfg)
     return params
+
+
+def _features_identity(cfg: Config) -> dict[str, Any]:
+    section = dict(cfg.section("masks")["features"])
+    section["init"] = _init_identity(cfg.masks.features.init, cfg.masks.features.backbone)
+    return section
 
 
 def _init_identity(init: str, backbone: str) -> Any:
@@ -99,8 +107,8 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
     if m.method == "bootstrap":
         from stages.masks.bootstrap import BootstrapEstimator, fit_bootstrap
 
-        checkpoint = fit_bootstrap(list(samples), _prior_params(cfg), _bootstrap_params(cfg), work_dir,
-                                   progress=progress)
+        teacher = _prior_params(cfg) if m.bootstrap.teacher == "priors" else _features_estimator(cfg)
+        checkpoint = fit_bootstrap(list(samples), teacher, _bootstrap_params(cfg), work_dir, progress=progress)
         return BootstrapEstimator(checkpoint)
     if m.method == "priors":
         return stage.PriorsEstimator(_prior_params(cfg))
@@ -132,7 +140,8 @@ def _features_estimator(cfg: Config):
 def _bootstrap_params(cfg: Config):
     from stages.masks.bootstrap import BootstrapParams
 
-    return BootstrapParams(**cfg.section("masks", drop_volatile=False)["bootstrap"])
+    section = cfg.section("masks", drop_volatile=False)["bootstrap"]
+    return BootstrapParams(**{k: v for k, v in section.items() if k != "teacher"})
 
 
 def _run_masks(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 import cv2
 import numpy as np
@@ -304,12 +304,27 @@ def predict_tta(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # data: prior maps and images at the input size
 
 
-def _prepare_one(task: tuple[str, str, int, PriorParams]) -> tuple[str, np.ndarray | None, np.ndarray | None, str]:
-    """(id, image path, size, prior params) -> (id, prior map u8 S x S, image u8 S x S x 3, error)."""
+Teacher = Union[PriorParams, Callable[[np.ndarray], np.ndarray]]
+
+
+def teacher_map(teacher: Teacher, img: np.ndarray) -> np.ndarray:
+    """The first pseudo-label of an image: the hand-crafted priors, or another estimator's map."""
+    if isinstance(teacher, PriorParams):
+        return priors_saliency(img, teacher)
+    return np.clip(np.asarray(teacher(img), dtype=np.float32), 0.0, 1.0)
+
+
+def teacher_config(teacher: Teacher) -> dict[str, Any]:
+    """What names a teacher in the fit file and the cache key (the priors' parameters as before)."""
+    return asdict(teacher) if isinstance(teacher, PriorParams) else {"teacher": teacher.describe()}
+
+
+def _prepare_one(task: tuple[str, str, int, Teacher]) -> tuple[str, np.ndarray | None, np.ndarray | None, str]:
+    """(id, image path, size, teacher) -> (id, teacher map u8 S x S, image u8 S x S x 3, error)."""
     sample_id, path, size, prior_params = task
     try:
         img = load_image(path)
-        prior = priors_saliency(img, prior_params)  # H x W in [0, 1]
+        prior = teacher_map(prior_params, img)  # H x W in [0, 1]
     except (BadInputError, ValueError) as exc:
         return sample_id, None, None, str(exc)
     return sample_id, to_u8(resize_square(prior, size)), resize_square(img, size), ""
@@ -342,9 +357,9 @@ def _map(fn, tasks: list, workers: int, progress: bool, what: str) -> list:
     return out
 
 
-def _priors_key(samples: list[Sample], prior_params: PriorParams, size: int) -> str:
-    """Short hash naming the prior cache: the images, the prior parameters and the size."""
-    h = hashlib.sha256(json.dumps([asdict(prior_params), size], sort_keys=True).encode())
+def _priors_key(samples: list[Sample], prior_params: Teacher, size: int) -> str:
+    """Short hash naming the prior cache: the images, the teacher and the size."""
+    h = hashlib.sha256(json.dumps([teacher_config(prior_params), size], sort_keys=True).encode())
     for s in samples:
         h.update(f"{s.id}\0{s.image}\n".encode())
     return h.hexdigest()[:16]
@@ -356,7 +371,7 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _prepare_data(
-    samples: list[Sample], prior_params: PriorParams, size: int, work_dir: Path, workers: int, progress: bool
+    samples: list[Sample], prior_params: Teacher, size: int, work_dir: Path, workers: int, progress: bool
 ) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, str]]:
     """(kept ids, images N x S x S x 3 u8, prior maps N x S x S u8, skipped id -> reason).
 
@@ -495,8 +510,8 @@ def _refine_all(labels: np.ndarray, raw: np.ndarray, threshold: float, ema: floa
     return out
 
 
-def _config(params: BootstrapParams, prior_params: PriorParams) -> dict[str, Any]:
-    return {"params": asdict(params), "prior_params": asdict(prior_params)}
+def _config(params: BootstrapParams, prior_params: Teacher) -> dict[str, Any]:
+    return {"params": asdict(params), "prior_params": teacher_config(prior_params)}
 
 
 def _check_fit_file(work_dir: Path, config: dict[str, Any]) -> None:
@@ -523,11 +538,13 @@ def round_labels(work_dir: Path, round_: int) -> Path:
 
 
 def fit_bootstrap(
-    samples: list[Sample], prior_params: PriorParams, params: BootstrapParams, work_dir: Path, *, progress: bool = True
+    samples: list[Sample], prior_params: Teacher, params: BootstrapParams, work_dir: Path, *, progress: bool = True
 ) -> Path:
     """Fit the bootstrapped saliency network on ``samples`` (no ground truth); return the final checkpoint.
 
-    1) prior maps of every image at input_size (cached in work_dir; unreadable images skipped and
+    ``prior_params`` is the teacher: ``PriorParams`` for the hand-crafted priors, or a picklable
+    estimator ``img -> map in [0, 1]`` with ``describe()`` (``masks.bootstrap.teacher: features``).
+    1) teacher maps of every image at input_size (cached in work_dir; unreadable images skipped and
        listed in work_dir/skipped.json); 2) ``rounds`` times: train a fresh ``SaliencyNet`` on the
        current pseudo-labels, checkpoint it, predict every image with flip TTA and refine the
        pseudo-labels by ``refine_labels`` (not after the last round: nothing would use them).

@@ -151,3 +151,15 @@ def test_every_key_is_documented():
                      "masks.model_path", "train.backbone", "train.init", "train.init_kind", "train.epochs",
                      "train.batch_size", "train.seed", "evaluate.protocols", "evaluate.seeds"]:
         assert contract in keys
+
+
+def test_features_weights_are_checked_for_the_estimator_and_the_bootstrap_teacher(tmp_path):
+    (tmp_path / "d").mkdir()
+    for extra in ("masks:\n  method: features\n  features:\n    init: nope.pth\n",
+                  "masks:\n  method: bootstrap\n  bootstrap:\n    teacher: features\n  features:\n    init: nope.pth\n"):
+        cfg = load_config(write(tmp_path, "data:\n  root: d\n" + extra))
+        with pytest.raises(ConfigError, match="masks.features.init: expected imagenet or moco_v2 or an existing checkpoint file"):
+            check_paths(cfg)
+    cfg = load_config(write(tmp_path, "data:\n  root: d\nmasks:\n  method: features\n  features:\n    init: random\n"))
+    with pytest.raises(ConfigError, match="this estimator needs pretrained weights"):
+        check_paths(cfg)

@@ -216,3 +216,10 @@ def test_status_and_ls_flag_artifacts_made_by_other_code(tmp_path, monkeypatch):
     assert f"masks/{planned['masks'].version}" in listing and "[made by other code (git:0ld0ld0" in listing
     entries = __import__("json").loads(runner.invoke(cli, args + ["ls", "--json"], catch_exceptions=False).output)
     assert {e["ref"].split("/")[0]: e["other_code"] for e in entries} == {"masks": True, "train": False}
+
+
+def test_a_features_teacher_makes_another_bootstrap_version(tmp_path):
+    priors = planned_versions("configs/demo.yaml", tmp_path, ("masks.method=bootstrap",))
+    features = planned_versions("configs/demo.yaml", tmp_path, ("masks.method=bootstrap",
+                                                               "masks.bootstrap.teacher=features"))
+    assert priors == PINNED["configs/demo.yaml+bootstrap"] and features["masks"] != priors["masks"]

@@ -2,6 +2,8 @@
 determinism, skipped images. Tiny synthetic images (a bright disk on noise), 1 epoch per round."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 import shutil
 from dataclasses import replace
@@ -220,3 +222,33 @@ def test_unreadable_images_are_skipped_and_reported(samples, tmp_path):
 def test_work_dir_with_other_parameters_is_refused(samples, fitted):
     with pytest.raises(BootstrapError, match="holds a bootstrap fit with other parameters"):
         fit_bootstrap(samples, PRIORS, replace(TWO_ROUNDS, lr=0.1), fitted, progress=False)
+
+
+class BrightTeacher:
+    """A picklable stand-in for another estimator: the image's brightness above its median."""
+
+    def describe(self) -> dict:
+        return {"estimator": "bright"}
+
+    def __call__(self, img: np.ndarray) -> np.ndarray:
+        grey = img.astype(np.float32).mean(-1)
+        return (grey > np.median(grey) + 60).astype(np.float32)
+
+
+def test_a_teacher_estimator_gives_the_first_pseudo_labels(samples, tmp_path):
+    work = tmp_path / "work"
+    ckpt = fit_bootstrap(samples, BrightTeacher(), TINY, work, progress=False)
+    assert ckpt.exists()
+    [cache] = work.glob("priors-*.npz")
+    with np.load(cache) as z:
+        maps = z["maps"]
+    img = np.asarray(Image.open(samples[0].image))
+    assert np.array_equal(maps[0], to_u8(bs.resize_square(BrightTeacher()(img), 32)))
+    config = json.loads((work / bs.FIT_FILE).read_text())
+    assert config["prior_params"] == {"teacher": {"estimator": "bright"}}
+    with pytest.raises(BootstrapError, match="other parameters"):  # the same work_dir with the priors
+        fit_bootstrap(samples, PRIORS, TINY, work, progress=False)
+
+
+def test_the_priors_teacher_keeps_its_cache_name_and_fit_file():
+    assert bs.teacher_config(PRIORS) == dataclasses.asdict(PRIORS)  # fits made before teachers existed resume
