@@ -11,7 +11,8 @@ Two layouts are understood:
   pairs; the id is the stem of the first path.
 * ``folder``: ``images/<id>.<ext>`` (jpg jpeg png bmp tif tiff webp, any case; the id is the file
   stem), optional ``labels/<id>.png``, optional ``classes.txt`` (one name per line, the first is
-  background) and optional ``splits/<name>.txt`` (one id per line).
+  background) and optional ``splits/<name>.txt`` (one id per line). A flat folder of images, with
+  no ``images/`` folder, is the same layout with the images in ``root`` itself (unlabelled photos).
 
 In split files and ``classes.txt`` blank lines are skipped and ``#`` starts a comment (at the start
 of a line, or after whitespace). Hidden files (names starting with ``.``) are ignored everywhere.
@@ -94,7 +95,7 @@ class DatasetIndex:
         """Index the dataset at ``root``; ``layout`` is ``"auto"``, ``"voc"`` or ``"folder"``.
 
         ``"auto"`` picks VOC when ``JPEGImages/`` (or ``VOC2012/JPEGImages/``) exists and the folder
-        layout when ``images/`` exists. Raises :class:`DataError` naming the path when neither is
+        layout when ``images/`` exists or ``root`` itself holds image files (a flat folder). Raises :class:`DataError` naming the path when neither is
         found, or when the listings or split files are inconsistent.
         """
         root = Path(root)
@@ -110,10 +111,10 @@ class DatasetIndex:
                     f"{root}: holds both JPEGImages/ (VOC) and images/ (folder layout); "
                     "pass layout='voc' or layout='folder'"
                 )
-            if voc_root is None and not has_folder:
+            if voc_root is None and not has_folder and not _scan(root, IMAGE_EXTENSIONS):
                 raise DataError(
                     f"{root}: cannot detect the dataset layout: expected JPEGImages/ (VOC 2012, or "
-                    "VOCdevkit/ holding VOC2012/) or images/ (folder layout)"
+                    "VOCdevkit/ holding VOC2012/), images/ (folder layout) or image files (a flat folder)"
                 )
             layout = "voc" if voc_root is not None else "folder"
         if layout == "voc":
@@ -140,9 +141,13 @@ class DatasetIndex:
 
     @classmethod
     def _open_folder(cls, root: Path) -> DatasetIndex:
-        if not (root / "images").is_dir():
-            raise DataError(f"{root}: not a folder-layout dataset: no images/ folder")
-        images = _prefixed(_scan(root / "images", IMAGE_EXTENSIONS), "images")
+        if (root / "images").is_dir():
+            images = _prefixed(_scan(root / "images", IMAGE_EXTENSIONS), "images")
+        else:  # a flat folder of photos
+            images = _scan(root, IMAGE_EXTENSIONS)
+            if not images:
+                raise DataError(f"{root}: not a folder-layout dataset: no images/ folder and no image files "
+                                f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in the folder itself")
         labels: dict[str, str] = {}
         if (root / "labels").is_dir():
             found = _scan(root / "labels", LABEL_EXTENSIONS)
@@ -153,7 +158,8 @@ class DatasetIndex:
         if ALL in files:
             raise DataError(
                 f"{files[ALL]}: the split name 'all' is reserved for every image; rename the file")
-        splits = {name: _read_split(path, images, root / "images", voc=False)
+        image_dir = root / "images" if (root / "images").is_dir() else root
+        splits = {name: _read_split(path, images, image_dir, voc=False)
                   for name, path in files.items()}
         return cls(root, "folder", classes, images, labels, splits)
 
@@ -192,6 +198,10 @@ class DatasetIndex:
         """True when the split is non-empty and every one of its ids has a label file."""
         ids = self._ids(split)
         return bool(ids) and all(i in self._labels for i in ids)
+
+    def any_labels(self, split: str | None = None) -> bool:
+        """True when at least one id of the split has a label file (unlabelled photos have none)."""
+        return any(i in self._labels for i in self._ids(split))
 
     @property
     def num_classes(self) -> int:

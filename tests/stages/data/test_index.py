@@ -310,3 +310,34 @@ def test_davis16_objects(davis_root: Path) -> None:
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     assert label.shape == image.shape[:2] and label.dtype == np.uint8
     assert 0 < (label > 0).mean() < 1 and label.max() < idx.num_classes
+
+
+def test_flat_folder_of_photos(tmp_path: Path) -> None:
+    """Images straight in the root, nothing else: the folder layout, one split ('all'), no labels."""
+    root = tmp_path / "photos"
+    _jpeg(root / "b.jpg")
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(root / "a.PNG")
+    _write(root / "notes.txt", "not an image")
+    (root / ".hidden.jpg").write_bytes(b"")
+    ds = DatasetIndex.open(root)
+    assert (ds.layout, ds.splits(), ds.ids(), ds.classes) == ("folder", ["all"], ["a", "b"], [])
+    assert ds.sample("b") == Sample("b", root / "b.jpg", None)
+    assert not ds.any_labels() and not ds.any_labels("all")
+    image, label = read_sample(ds.sample("a"))
+    assert image.shape == (4, 6, 3) and label is None
+    assert DatasetIndex.open(root, layout="folder").ids() == ["a", "b"]
+    with pytest.raises(DataError, match="no split 'train'; available: all"):
+        ds.ids("train")
+
+
+def test_flat_folder_without_images_is_undetectable(tmp_path: Path) -> None:
+    _write(tmp_path / "empty" / "notes.txt", "no image here")
+    with pytest.raises(DataError, match="cannot detect the dataset layout.*image files"):
+        DatasetIndex.open(tmp_path / "empty")
+    with pytest.raises(DataError, match="no images/ folder and no image files"):
+        DatasetIndex.open(tmp_path / "empty", layout="folder")
+
+
+def test_any_labels(folder: Path) -> None:
+    ds = DatasetIndex.open(folder)
+    assert ds.any_labels() and not ds.has_labels()  # x and y have labels, z has none
