@@ -350,6 +350,18 @@ class KMeansProtocol:
     matching: str = "hungarian"
     use_gpu: bool = False
 
+    def whiten(self, prototypes: np.ndarray) -> tuple[np.ndarray, PCAWhitening | None]:
+        """The space the protocol clusters in: prototypes (N, D) -> (z (N, d) float32, the PCA fit or
+        None without whitening). Shared with the label-free clusters stage (stages/clusters.py)."""
+        prototypes = np.asarray(prototypes)
+        if self.pca_dim is None:
+            return prototypes.astype(np.float32), None
+        return pca_whiten(prototypes, self.pca_dim)
+
+    def fit(self, z: np.ndarray, seed: int) -> KMeansFit:
+        """One seed's clustering of whitened prototypes z (N, d): k-means++ restarts, lowest inertia."""
+        return kmeans(z, self.n_clusters, seed, self.n_init, self.n_iter, self.use_gpu)
+
     def run(self, prototypes: np.ndarray, counts: SalientClassCounts) -> KMeansReport:
         """prototypes (n_images, D), L2-normalised, in the same order as `counts`."""
         prototypes = np.asarray(prototypes)
@@ -360,17 +372,94 @@ class KMeansProtocol:
         if not self.seeds:
             raise KMeansError("KMeansProtocol: seeds must not be empty")
         _check_matching(self.matching)
-        pca = None
-        z = prototypes.astype(np.float32)
-        if self.pca_dim is not None:
-            z, pca = pca_whiten(prototypes, self.pca_dim)
+        z, pca = self.whiten(prototypes)
         results, present = [], np.zeros(counts.n_cls, bool)
         for seed in self.seeds:
-            fit = kmeans(z, self.n_clusters, seed, self.n_init, self.n_iter, self.use_gpu)
+            fit = self.fit(z, seed)
             conf = counts.confusion(fit.assignment, self.n_clusters)  # (k + 1, n_cls)
             result, present = _seed_result(seed, conf, self.matching, counts.n_cls, fit)
             results.append(result)
         return _report("object", self.n_clusters, self.matching, results, present, pca)
+
+
+# ----------------------------------------------------------------------------- choosing k
+
+
+def silhouette_score(x: np.ndarray, labels: np.ndarray, max_points: int = 10_000, seed: int = 0,
+                     chunk: int = 1024) -> float:
+    """Mean silhouette (Rousseeuw 1987) of a partition of x (N, D), Euclidean, as scikit-learn
+    defines it: s(i) = (b - a) / max(a, b) with a the mean distance to the other points of i's
+    cluster and b the lowest mean distance to another cluster's points; 0 for a point alone in
+    its cluster. Over a seeded uniform sample of ``max_points`` points when N is larger (the
+    sample's own distances); memory O(chunk * N)."""
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if x.ndim != 2 or labels.shape != (x.shape[0],):
+        raise KMeansError(f"silhouette_score: expected x (N, D) and labels (N,), got {x.shape} and {labels.shape}")
+    if x.shape[0] > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], max_points, replace=False))
+        x, labels = x[keep], labels[keep]
+    _, labels = np.unique(labels, return_inverse=True)
+    k = int(labels.max()) + 1 if labels.size else 0
+    if k < 2:
+        raise KMeansError(f"silhouette_score: needs at least 2 non-empty clusters, got {k}")
+    onehot = np.zeros((x.shape[0], k))
+    onehot[np.arange(x.shape[0]), labels] = 1.0
+    sizes = onehot.sum(axis=0)  # (k,)
+    sq = np.einsum("nd,nd->n", x, x)
+    scores = np.empty(x.shape[0])
+    for start in range(0, x.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        d = np.sqrt(np.maximum(sq[rows, None] + sq[None, :] - 2.0 * (x[rows] @ x.T), 0.0))  # (c, N)
+        sums = d @ onehot  # (c, k): summed distance to each cluster's points
+        own = labels[rows]
+        idx = np.arange(len(own))
+        own_size = sizes[own]
+        a = sums[idx, own] / np.maximum(own_size - 1, 1)
+        mean_other = sums / sizes
+        mean_other[idx, own] = np.inf
+        b = mean_other.min(axis=1)
+        s = (b - a) / np.maximum(np.maximum(a, b), 1e-12)
+        scores[rows] = np.where(own_size > 1, s, 0.0)
+    return float(scores.mean())
+
+
+class KSelection(NamedTuple):
+    """The automatic choice of k: every tried k with its silhouette and inertia, and the winner."""
+
+    k: int
+    ks: list[int]
+    silhouette: list[float]
+    inertia: list[float]
+    rule: str
+
+
+K_RULE = "the k in [k_min, k_max] with the highest mean silhouette of the whitened prototypes (ties: the smaller k)"
+
+
+def choose_k(z: np.ndarray, k_min: int, k_max: int, seed: int, n_init: int = 3, n_iter: int = 100,
+             use_gpu: bool = False) -> KSelection:
+    """Cluster whitened prototypes z (N, d) with every k in [k_min, min(k_max, N - 1)] (the
+    protocol's k-means, one seed) and keep the k with the highest mean silhouette.
+
+    Why silhouette and not the elbow of inertia: inertia falls with every k, so an elbow needs a
+    knee heuristic and a scale; the silhouette has a maximum, is scale-free, and scores each
+    partition on its own. Its known bias (coarse partitions of diffuse data) is why the whole
+    curve is drawn next to the choice.
+    """
+    z = np.asarray(z, dtype=np.float32)
+    hi = min(int(k_max), z.shape[0] - 1)
+    if k_min < 2 or hi < k_min:
+        raise KMeansError(f"choose_k: needs 2 <= k_min <= k_max < N; got k_min={k_min}, k_max={k_max}, N={z.shape[0]}")
+    ks, sil, inertia = [], [], []
+    for k in range(int(k_min), hi + 1):
+        fit = kmeans(z, k, seed, n_init, n_iter, use_gpu)
+        n_used = len(np.unique(fit.assignment))
+        ks.append(k)
+        sil.append(silhouette_score(z, fit.assignment, seed=seed) if n_used >= 2 else -1.0)
+        inertia.append(fit.inertia)
+    best = int(np.argmax(sil))  # the first maximum: the smaller k on ties
+    return KSelection(ks[best], ks, sil, inertia, K_RULE)
 
 
 # ----------------------------------------------------------------------------- pixel level

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import silhouette_score as sk_silhouette
 
 from stages.evaluate.kmeans import (
     KMeansError,
@@ -18,11 +19,13 @@ from stages.evaluate.kmeans import (
     apply_kmeans,
     assign,
     cell_class_counts,
+    choose_k,
     kmeans,
     kmeans_plusplus,
     pca_whiten,
     pixel_kmeans_protocol,
     sample_pixel_features,
+    silhouette_score,
 )
 from stages.evaluate.metrics import SalientClassCounts, confusion_matrix, hungarian_match, miou, remap_confusion
 
@@ -130,6 +133,43 @@ def test_kmeans_protocol_matches_pixel_pass(rng):
     assert report.miou == pytest.approx(expected)
     with pytest.raises(KMeansError, match=r"expected prototypes \(n_images=120, D\)"):
         KMeansProtocol(n_clusters=4, seeds=(7,)).run(noisy[:3], counts)
+
+
+def test_protocol_whiten_and_fit_are_what_run_clusters(rng):
+    """The label-free clusters stage calls whiten + fit: the partition run() scores, seed by seed."""
+    x, _, counts = object_setup(rng)
+    protocol = KMeansProtocol(n_clusters=5, seeds=(3, 4), pca_dim=8)
+    report = protocol.run(x, counts)
+    z, pca = protocol.whiten(x)
+    assert pca.to_dict() == report.pca.to_dict()
+    for seed, result in zip((3, 4), report.per_seed):
+        fit = protocol.fit(z, seed)
+        np.testing.assert_array_equal(fit.centroids, np.asarray(result.centroids, np.float32))
+        assert np.bincount(fit.assignment, minlength=5).tolist() == result.cluster_sizes
+
+
+def test_silhouette_matches_sklearn(rng):
+    x = rng.normal(size=(90, 5))
+    labels = rng.integers(0, 4, 90)
+    labels[7] = 9  # a cluster of one point scores 0, as in scikit-learn
+    assert silhouette_score(x, labels, chunk=16) == pytest.approx(sk_silhouette(x, labels), abs=1e-9)
+    sampled = silhouette_score(x, labels, max_points=60, seed=1)  # a seeded subsample
+    assert sampled == silhouette_score(x, labels, max_points=60, seed=1) and -1 <= sampled <= 1
+    with pytest.raises(KMeansError, match="at least 2 non-empty clusters"):
+        silhouette_score(x, np.zeros(90, int))
+
+
+@pytest.mark.parametrize("k", [3, 5, 8])
+def test_choose_k_recovers_planted_k(k):
+    x, y = planted(n=400, k=k, d=16, noise=0.4, seed=k)
+    z, _ = pca_whiten(x, 16)
+    sel = choose_k(z, 2, 12, seed=1234)
+    assert sel.k == k and sel.ks == list(range(2, 13))
+    assert sel.silhouette[sel.ks.index(k)] == max(sel.silhouette)
+    assert all(a >= b for a, b in zip(sel.inertia, sel.inertia[1:]))  # inertia falls with k
+    assert adjusted_rand_score(y, kmeans(z, sel.k, seed=1234).assignment) > 0.95
+    with pytest.raises(KMeansError, match="k_min <= k_max < N"):
+        choose_k(z[:2], 2, 12, seed=0)
 
 
 def test_sample_pixel_features_is_bottom_k(rng):
