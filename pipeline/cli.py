@@ -146,16 +146,18 @@ def _stage_choice():
 @pass_state
 @handle_errors
 def run(state: State, start, stop, force, scheduler):
-    """Run the pipeline up to --to (default: the last stage), with everything it needs, in order.
+    """Run the pipeline up to --to (default: evaluate, or clusters when the data has no labels),
+    with everything it needs, in order.
 
     Complete stages are skipped, partial ones continued; stages before --from are only read.
     """
-    from pipeline.graph import ORDER, available, plan
+    from pipeline.graph import ORDER, plan
     from pipeline.runner import run_one
+    from pipeline.stagedefs import default_target
 
-    target = stop or available()[-1]
     ctx = state.context(scheduler=scheduler)
     try:
+        target = stop or default_target(ctx)
         planned = plan(ctx, (target,))
         lo = ORDER.index(start) if start else 0
         results = []
@@ -174,7 +176,14 @@ def run(state: State, start, stop, force, scheduler):
 
 
 def _print_headline(result) -> None:
-    """The evaluation report's headline figures, so a run ends with its result."""
+    """The evaluation report's headline figures (or the clusters' pictures), so a run ends with its result."""
+    if result.name == "clusters":
+        s = result.summary
+        click.echo(f"clusters: k = {s.get('k')}, {s.get('n_images')} images; look at {result.path / 'sheets'}, "
+                   f"name them in a file of 'cluster id: name' lines, then rerun with --set clusters.names=FILE")
+        if s.get("n_skipped"):
+            click.echo(f"skipped: {s['n_skipped']} image(s), listed in {result.path / 'skipped.json'}")
+        return
     if result.name != "evaluate":
         return
     report = result.path / "report.md"
@@ -254,6 +263,19 @@ def evaluate(state: State, models, retries, force, scheduler):
         ctx.close()
     _print_results(results, state.quiet)
     _print_comparison(results[-1])
+
+
+def _open_ref(store, text: str, stage: str, option: str):
+    """``STAGE/VERSION`` (a unique prefix, or a bare version) to a complete artifact of ``stage``."""
+    from artifacts.store import StoreError
+
+    ref = text if "/" in text else f"{stage}/{text}"
+    if ref.partition("/")[0] != stage:
+        raise click.BadParameter(f"expected a {stage} artifact ({stage}/VERSION), got {text!r}", param_hint=f"'{option}'")
+    try:
+        return store.open(ref)
+    except StoreError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{option}'") from None
 
 
 def _train_ref(store, text: str) -> str:
@@ -434,12 +456,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--report", default=None, metavar="evaluate/VERSION",
               help="evaluation artifact holding kmeans_model.json [default: the configured pipeline's]")
+@click.option("--clusters", "clusters_ref", default=None, metavar="clusters/VERSION",
+              help="clusters artifact holding kmeans_model.json, instead of an evaluation report (no labels needed)")
+@click.option("--names", "names_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="with --clusters: a names file, one 'cluster id: name' per line (writes legend.png)")
 @click.option("--model", "model_ref", default=None, metavar="train/VERSION",
-              help="training artifact [default: the configured pipeline's]")
+              help="training artifact [default: the one the clustering's embeddings came from with --clusters, "
+                   "else the configured pipeline's]")
 @click.option("--seed", default=None, type=int, help="which K-means seed's clustering [default: the first]")
 @pass_state
 @handle_errors
-def segment(state: State, images, out_dir, report, model_ref, seed):
+def segment(state: State, images, out_dir, report, clusters_ref, names_file, model_ref, seed):
     """Segment new images (files or folders) with a trained model and a fitted K-means clustering.
 
     Writes <stem>.png (palette PNG of class indices) and <stem>_overlay.png per image.
@@ -448,15 +475,38 @@ def segment(state: State, images, out_dir, report, model_ref, seed):
     from stages.segment import segment_images
     from stages.train import load_model
 
+    if report is not None and clusters_ref is not None:
+        raise click.UsageError("give --report or --clusters, not both")
+    if names_file is not None and report is not None:
+        raise click.UsageError("--names renames clusters: use it with --clusters (an evaluation report's "
+                               "clusters are named by matching them to the labels)")
+    names = None
+    if names_file is not None:
+        from stages.clusters import NamesError, read_names
+
+        try:
+            names = read_names(names_file)
+        except NamesError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--names'") from None
     ctx = state.context()
-    if report is None or model_ref is None:
-        planned = plan(ctx, ("evaluate",))
-        report = report or planned["evaluate"].spec.ref
-        model_ref = model_ref or planned["train"].spec.ref
-    evaluation, training = ctx.store.open(report), ctx.store.open(model_ref)
-    kmeans_file = evaluation.path / "kmeans_model.json"
+    if clusters_ref is not None:
+        source = _open_ref(ctx.store, clusters_ref, "clusters", "--clusters")
+        if model_ref is None:  # the model the clustered embeddings were extracted with
+            extract_ref = ((source.manifest or {}).get("inputs") or {}).get("extract")
+            model_ref = ((ctx.store.open(extract_ref).manifest or {}).get("inputs") or {}).get("train") \
+                if extract_ref else None
+            if model_ref is None:
+                raise click.UsageError(f"{source.ref}: cannot tell which model made its embeddings; pass --model")
+    else:
+        if report is None or model_ref is None:
+            planned = plan(ctx, ("evaluate",))
+            report = report or planned["evaluate"].spec.ref
+            model_ref = model_ref or planned["train"].spec.ref
+        source = ctx.store.open(report)
+    training = ctx.store.open(model_ref)
+    kmeans_file = source.path / "kmeans_model.json"
     if not kmeans_file.is_file():
-        raise click.ClickException(f"{evaluation.ref} has no kmeans_model.json: run evaluate with the kmeans protocol")
+        raise click.ClickException(f"{source.ref} has no kmeans_model.json: run evaluate with the kmeans protocol")
     paths: list[Path] = []
     for item in map(Path, images):
         paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir()
@@ -465,7 +515,8 @@ def segment(state: State, images, out_dir, report, model_ref, seed):
     from pipeline.runner import stage_environment
 
     with stage_environment(ctx.image_environment()):  # data.max_pixels, as the stages read images
-        summary = segment_images(model, kmeans_file, paths, Path(out_dir), seed=seed, progress=not state.quiet)
+        summary = segment_images(model, kmeans_file, paths, Path(out_dir), seed=seed, progress=not state.quiet,
+                                 names=names)
     click.echo(f"segmented {summary.get('n_images', len(paths))} image(s) into {out_dir}"
                + (f"; skipped {summary['n_skipped']}" if summary.get("n_skipped") else ""))
 

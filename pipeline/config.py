@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -237,6 +237,23 @@ class EvaluateConfig:
     retrieval: RetrievalConfig = opt(default_factory=RetrievalConfig)
 
 
+def _k(v):
+    return None if v == "auto" or (isinstance(v, int) and v >= 1) else f"must be an integer >= 1 or 'auto', got {v!r}"
+
+
+@dataclass(frozen=True)
+class ClustersConfig:
+    """The label-free clusters stage (after extract): K-means on the val split's prototypes."""
+    k: Union[int, Literal["auto"]] = opt("auto", doc="number of clusters, or 'auto': the best mean silhouette over [2, k_max]",
+                                         check=_k)
+    k_max: int = opt(20, doc="largest k tried by k: auto", check=in_range(2))
+    pca_dim: Optional[int] = opt(None, doc="PCA-whitening dimension; null: min(32, images // 6)", check=in_range(1))
+    n_init: int = opt(10, doc="k-means++ restarts (lowest inertia kept)", check=in_range(1))
+    seed: int = opt(1234, doc="k-means seed")
+    sheet_size: int = opt(12, doc="images on each cluster's contact sheet (nearest its centroid)", check=in_range(1))
+    names: Optional[Path] = opt(None, doc="names file: one 'cluster id: name' per line (ids from 0)")
+
+
 @dataclass(frozen=True)
 class DaskConfig:
     scheduler: Optional[str] = opt(None, doc="tcp://host:port of a dask scheduler; null = a local cluster")
@@ -251,6 +268,7 @@ class Config:
     train: TrainConfig = opt(default_factory=TrainConfig)
     extract: ExtractConfig = opt(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = opt(default_factory=EvaluateConfig)
+    clusters: ClustersConfig = opt(default_factory=ClustersConfig)
     dask: DaskConfig = opt(default_factory=DaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -388,6 +406,8 @@ def check_paths(cfg: Config, *, need_data: bool = True, source: str | None = Non
     if m.method == "import" and m.import_dir is not None and not m.import_dir.is_dir():
         raise ConfigError(f"mask folder does not exist: {m.import_dir}", "masks.import_dir", source)
     _check_init(cfg.train.init, cfg.train.backbone, "train.init", source)
+    if cfg.clusters.names is not None and not cfg.clusters.names.is_file():
+        raise ConfigError(f"names file does not exist: {cfg.clusters.names}", "clusters.names", source)
     if m.method == "bootstrap":
         _check_init(m.bootstrap.init, m.bootstrap.backbone, "masks.bootstrap.init", source)
     if m.method == "features" or (m.method == "bootstrap" and m.bootstrap.teacher == "features"):

@@ -7,6 +7,8 @@ never file contents.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Mapping
@@ -16,7 +18,9 @@ from pipeline.config import Config
 from stages.data import DatasetIndex
 
 #: Pipeline order. Only stages registered in ``STAGES`` can be run.
-ORDER = ("masks", "train", "extract", "evaluate")
+ORDER = ("masks", "train", "extract", "clusters", "evaluate")
+
+log = logging.getLogger("maskcontrast")
 
 
 @dataclass
@@ -31,10 +35,26 @@ class Context:
     config_source: str | None = None
     _client: Any = field(default=None, repr=False)
     _client_made: bool = field(default=False, repr=False)
+    _splits_resolved: bool = field(default=False, repr=False)
 
     @cached_property
     def dataset(self) -> DatasetIndex:
         return DatasetIndex.open(self.cfg.data.root, self.cfg.data.layout)
+
+    def resolve_splits(self) -> None:
+        """A dataset without split files (a folder of photos) has one split, ``all``: every stage then
+        uses all images, whatever ``data.train_split`` / ``data.val_split`` say, and one log line says
+        so. A dataset with split files keeps the configured splits (and so its versions)."""
+        if self._splits_resolved:
+            return
+        self._splits_resolved = True
+        d = self.cfg.data
+        if self.dataset.splits() != ["all"] or (d.train_split, d.val_split) == ("all", "all"):
+            return
+        self.cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(d, train_split="all", val_split="all"))
+        log.info("%s has no split files (splits/*.txt): every stage uses all %d images "
+                 "(data.train_split %r and data.val_split %r read as 'all')",
+                 d.root, len(self.dataset.ids()), d.train_split, d.val_split)
 
     def data_identity(self, split: str | None) -> dict[str, Any]:
         """What of the dataset enters a version: layout, split name and a size-based fingerprint."""
@@ -131,6 +151,7 @@ def plan(ctx: Context, targets: tuple[str, ...] | None = None, *,
     pinned stage is neither planned nor run (evaluating a model other than the configured one).
     """
     _load_builtin()
+    ctx.resolve_splits()
     targets = targets or available()
     pinned = dict(pinned or {})
     planned: dict[str, Planned] = {}

@@ -7,6 +7,7 @@ out of versions through ``Config.section``.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -20,6 +21,8 @@ from stages.versions import ALGORITHM_VERSIONS
 
 if TYPE_CHECKING:
     from stages.evaluate.batch import Job
+
+log = logging.getLogger("maskcontrast")
 
 
 # -- masks -------------------------------------------------------------------------------------------------
@@ -329,6 +332,83 @@ register(StageDef(
 ))
 
 
+# -- clusters ----------------------------------------------------------------------------------------------
+def labelled(ctx: Context) -> bool:
+    """False for unlabelled photos: no classes.txt and no label file in the val split. (A dataset with
+    some labels is scored as before, and the protocols report what they miss.)"""
+    ds = ctx.dataset
+    return bool(ds.classes) or ds.any_labels(ctx.cfg.data.val_split)
+
+
+def default_target(ctx: Context) -> str:
+    """Where ``run`` ends without ``--to``: evaluate with labels, clusters without."""
+    ctx.resolve_splits()
+    return "evaluate" if labelled(ctx) else "clusters"
+
+
+def _cluster_names(ctx: Context) -> dict[int, str]:
+    from stages.clusters import NamesError, read_names
+
+    path = ctx.cfg.clusters.names
+    if path is None:
+        return {}
+    try:
+        return read_names(path)
+    except NamesError as exc:
+        raise ConfigError(str(exc), "clusters.names", ctx.config_source) from None
+
+
+def _clusters_params(ctx: Context) -> Mapping[str, Any]:
+    c = ctx.cfg.clusters
+    params: dict[str, Any] = {"split": ctx.data_identity(ctx.cfg.data.val_split), "k": c.k,
+                              "pca_dim": c.pca_dim, "n_init": c.n_init, "seed": c.seed, "sheet_size": c.sheet_size}
+    if c.k == "auto":
+        params["k_range"] = [2, c.k_max]
+    names = _cluster_names(ctx)
+    if names:  # the names' content, not the file's path, determines the pictures
+        params["names"] = {str(k): v for k, v in sorted(names.items())}
+    return params
+
+
+def _run_clusters(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    from stages.clusters import ClusterParams, make_clusters
+
+    cfg = ctx.cfg
+    c = cfg.clusters
+    split = cfg.data.val_split
+    params = ClusterParams(k=None if c.k == "auto" else int(c.k), k_max=c.k_max, pca_dim=c.pca_dim,
+                           n_init=c.n_init, seed=c.seed, sheet_size=c.sheet_size, names=_cluster_names(ctx) or None)
+    summary = make_clusters(inputs["extract"].path / split, ctx.dataset.samples(split), writer.path, params,
+                            progress=not ctx.quiet,
+                            on_image=lambda done, total: writer.set_progress(done, total, "images")
+                            if done % 50 == 0 or done == total else None)
+    if summary.get("n_skipped"):
+        log.warning("clusters: %d image(s) skipped (listed in %s)", summary["n_skipped"],
+                    writer.path / "skipped.json")
+    return summary
+
+
+def _describe_clusters(manifest: Mapping[str, Any]) -> str:
+    s = manifest.get("summary") or {}
+    if not s:
+        return ""
+    text = f"k={s.get('k')} ({s.get('k_rule')}), {s.get('n_images')} images"
+    if s.get("n_skipped"):
+        text += f", {s['n_skipped']} skipped"
+    return text
+
+
+register(StageDef(
+    name="clusters",
+    schema_version=1,
+    help="Clusters without labels: K-means on the prototypes, contact sheets, names, a segmentation per image.",
+    needs=lambda cfg: ("extract",),
+    params=_clusters_params,
+    run=_run_clusters,
+    describe=_describe_clusters,
+))
+
+
 # -- evaluate ----------------------------------------------------------------------------------------------
 def _evaluate_needs(cfg: Config) -> tuple[str, ...]:
     protocols = set(cfg.evaluate.protocols)
@@ -342,6 +422,11 @@ def _evaluate_needs(cfg: Config) -> tuple[str, ...]:
 
 def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
     cfg = ctx.cfg
+    if set(cfg.evaluate.protocols) - {"saliency"} and not labelled(ctx):
+        raise ConfigError(f"scoring needs ground truth, and the dataset {cfg.data.root} has no labels "
+                          f"(no classes.txt, no labels/ file for split {cfg.data.val_split!r}): "
+                          "`maskcontrast clusters` (where `run` ends without labels) needs none",
+                          "evaluate.protocols", ctx.config_source)
     section = ctx.cfg.section("evaluate")
     params: dict[str, Any] = {"protocols": sorted(cfg.evaluate.protocols)}
     if "saliency" in cfg.evaluate.protocols:

@@ -32,17 +32,15 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from artifacts.atomic import atomic_path
 from stages.data import BadInputError, load_image
 from stages.evaluate.kmeans import PCAWhitening, apply_kmeans
 from stages.extract import backbone_prototypes, head_prototypes, resize_features
 from stages.extract.extract import INTERPOLATIONS, SALIENCY_THRESHOLD
 from stages.train.data import normalize_images
 from stages.train.loop import resolve_amp, resolve_device
-from stages.viz import overlay_labels, save_png, voc_palette
+from stages.viz import overlay_labels, save_label_png, save_png
 
 __all__ = ["UNMATCHED", "Clustering", "SegmentError", "load_clustering", "segment_images"]
 
@@ -86,6 +84,17 @@ class Clustering:
         shape = data.get("feature_shape")
         self.feature_size = int(shape[-1]) if shape else int(self.extract.get("feature_size", 0)) or None
         self.in_dim = self.pca.mean.shape[0] if self.pca is not None else self.centroids.shape[1]
+        self.source: str = str(data.get("source") or "evaluate")  # "clusters": fitted without labels
+
+    def rename(self, names: dict[int, str]) -> None:
+        """Name the clusters (``cluster id: name``, ids from 0) instead of the file's classes: clusters
+        with one name form one class, unnamed ones are ``cluster c`` (stages.clusters.apply_names)."""
+        from stages.clusters import apply_names
+
+        if self.protocol != "object":
+            raise SegmentError(f"{self.path}: names apply to object clusterings, not {self.protocol!r} ones")
+        mapping, self.class_names = apply_names(self.centroids.shape[0], names)
+        self.mapping = np.asarray(mapping, np.int64)
 
     def classes(self, x: np.ndarray) -> np.ndarray:
         """Class (N,) of each row of x (N, D); -1 where the cluster was matched to no class."""
@@ -130,18 +139,10 @@ def _predict(model: nn.Module, clustering: Clustering, images: torch.Tensor, emb
     return np.where(salient.cpu().numpy(), cls[:, None, None], 0)  # (B, S, S)
 
 
-def _write_labels(path: Path, classes: np.ndarray) -> None:
-    """Palette PNG of class indices (uint8, VOC colours), written atomically."""
-    im = Image.fromarray(classes.astype(np.uint8), mode="L")
-    im.putpalette(voc_palette().ravel().tolist())  # L -> P, indices kept
-    with atomic_path(path, suffix=".png") as tmp:
-        im.save(tmp, format="PNG", optimize=True)
-
-
 def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image_paths: Sequence[str | os.PathLike],
                    out_dir: str | os.PathLike, input_size: int | None = None, seed: int | None = None,
                    device: str = "auto", *, interpolation: str | None = None, batch_size: int = 4,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, names: dict[int, str] | None = None) -> dict[str, Any]:
     """Segment ``image_paths`` into ``out_dir`` with ``model`` (a MaskContrastModel, or anything
     with its ``forward(x, return_features=True)``) and the clustering at ``kmeans_model_path``.
 
@@ -153,6 +154,11 @@ def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image
     from tqdm import tqdm
 
     clustering = load_clustering(kmeans_model_path, seed)
+    if names is not None:
+        try:
+            clustering.rename(names)
+        except ValueError as exc:
+            raise SegmentError(f"{kmeans_model_path}: {exc}") from None
     extract = clustering.extract
     size = int(input_size or extract.get("input_size") or 512)
     interp_name = interpolation or extract.get("interpolation") or "bicubic"
@@ -198,7 +204,7 @@ def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image
                     h, w = img.shape[:2]
                     full = np.where(cls < 0, UNMATCHED, cls).astype(np.uint8)
                     full = cv2.resize(full, (w, h), interpolation=cv2.INTER_NEAREST)  # nearest, as extract
-                    _write_labels(out / f"{p.stem}.png", full)
+                    save_label_png(out / f"{p.stem}.png", full)
                     save_png(out / f"{p.stem}_overlay.png", overlay_labels(img, full))
                     pixels += np.bincount(full.ravel(), minlength=256)
                     written[str(p)] = f"{p.stem}.png"
@@ -206,10 +212,10 @@ def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image
     finally:
         bar.close()
         model.train(was_training)
-    names = clustering.class_names or [str(i) for i in range(n_cls)]
+    class_names = clustering.class_names or [str(i) for i in range(n_cls)]
     total = max(int(pixels.sum()), 1)
-    share = {(names[c] if c < len(names) else ("unmatched" if c == UNMATCHED else str(c))): float(pixels[c] / total)
-             for c in np.flatnonzero(pixels)}
+    share = {(class_names[c] if c < len(class_names) else ("unmatched" if c == UNMATCHED else str(c))):
+             float(pixels[c] / total) for c in np.flatnonzero(pixels)}
     summary: dict[str, Any] = {
         "n_images": len(paths), "n_written": len(written), "n_skipped": len(skipped), "protocol": clustering.protocol,
         "seed": clustering.seed, "input_size": size, "interpolation": interp_name, "embedding": embedding,
@@ -217,6 +223,10 @@ def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image
     }
     if skipped:
         summary["skipped"] = skipped
+    if names is not None or clustering.source == "clusters":
+        from stages.clusters import write_legend
+
+        summary["legend"] = write_legend(class_names, out / "legend.png").name
     if extract.get("mask_source") == "masks" and clustering.protocol == "object":
         summary["note"] = ("the clustering was fitted on prototypes of the mask artifact's regions; new images "
                            "use the model's saliency head instead")

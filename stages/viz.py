@@ -92,3 +92,13 @@ def save_png(path: Path, rgb: np.ndarray) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG", optimize=True)
     return path
+
+
+def save_label_png(path: Path, classes: np.ndarray) -> Path:
+    """Palette PNG of class indices (uint8, VOC colours), written atomically."""
+    path = Path(path)
+    im = Image.fromarray(classes.astype(np.uint8), mode="L")
+    im.putpalette(voc_palette().ravel().tolist())  # L -> P, indices kept
+    with atomic_path(path, suffix=".png") as tmp:
+        im.save(tmp, format="PNG", optimize=True)
+    return path

@@ -18,10 +18,12 @@ from matplotlib.figure import Figure
 from artifacts.atomic import atomic_path
 
 __all__ = [
+    "cluster_sizes_png",
     "comparison_markdown",
     "comparison_png",
     "confusion_matrix_png",
     "format_miou",
+    "k_selection_png",
     "loss_curve_png",
     "per_class_iou_png",
 ]
@@ -115,6 +117,42 @@ def loss_curve_png(values: Sequence[float], path: Path, *, val_miou: Sequence[fl
         ax2.plot(np.arange(1, len(y) + 1), y, color="C1", marker="." if len(y) < 30 else None)
         ax2.set_ylabel("val mIoU (%)", color="C1")
     ax.set_title(title or ylabel, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def cluster_sizes_png(sizes: Sequence[int], names: Sequence[str], colours: np.ndarray, path: Path, *,
+                      title: str | None = None) -> Path:
+    """Bar chart of images per cluster, each bar in its cluster's colour (colours (k, 3) uint8)."""
+    sizes = [int(v) for v in sizes]
+    fig = Figure(figsize=(max(4.0, 0.4 * len(sizes) + 1.5), 3.4), dpi=100)
+    ax = fig.add_subplot()
+    ax.bar(range(len(sizes)), sizes, color=np.asarray(colours, np.float64) / 255.0, edgecolor="black", linewidth=0.5)
+    for i, v in enumerate(sizes):
+        ax.text(i, v, str(v), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(sizes)), list(names), rotation=90, fontsize=7)
+    ax.set_ylabel("images")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or "images per cluster", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def k_selection_png(ks: Sequence[int], silhouette: Sequence[float], inertia: Sequence[float], chosen: int,
+                    path: Path, *, title: str | None = None) -> Path:
+    """Mean silhouette (left axis) and k-means inertia (right axis) against k, the chosen k marked."""
+    fig = Figure(figsize=(5.5, 3.4), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot(ks, silhouette, color="C0", marker=".", label="mean silhouette")
+    ax.axvline(chosen, color="C3", linestyle="--", linewidth=1, label=f"chosen k = {chosen}")
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel("mean silhouette", color="C0")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(ks, inertia, color="C1", marker=".", alpha=0.7)
+    ax2.set_ylabel("inertia (whitened)", color="C1")
+    ax.set_title(title or "choosing k", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -69,6 +69,7 @@ __all__ = [
     "run_linear",
     "run_pixel_kmeans",
     "run_retrieval",
+    "kmeans_model_dict",
 ]
 
 KMEANS_MODEL_FILE = "kmeans_model.json"
@@ -274,8 +275,10 @@ def _prototypes(store: EmbeddingStore, ids: Sequence[str]) -> np.ndarray:
     return protos[np.array([row[i] for i in ids], dtype=np.int64)]
 
 
-def _model_file(report_model: dict, protocol: str, names: Sequence[str], store: EmbeddingStore,
-                extra: Mapping[str, Any]) -> dict[str, Any]:
+def kmeans_model_dict(report_model: dict, protocol: str, names: Sequence[str], store: EmbeddingStore,
+                      extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The clustering file ``segment`` reads (schema ``maskcontrast/kmeans-model``): the fitted state, the
+    class names and the extract parameters of the embeddings it was fitted on."""
     attrs = store.attrs
     return {"schema": MODEL_SCHEMA, "schema_version": MODEL_SCHEMA_VERSION, **report_model, "protocol": protocol,
             "class_names": list(names), "store": str(store.directory), "extract": attrs.get("extract"),
@@ -353,7 +356,7 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
     protocol = KMeansProtocol(n_clusters=k, seeds=tuple(int(s) for s in seeds), pca_dim=pca_dim, n_init=n_init,
                               use_gpu=use_gpu)
     report = protocol.run(protos, sc.counts)
-    model = _model_file(report.model(), "object", names, store, {"embedding_dim": int(protos.shape[1])})
+    model = kmeans_model_dict(report.model(), "object", names, store, {"embedding_dim": int(protos.shape[1])})
     atomic_write_json(out_dir / KMEANS_MODEL_FILE, model)
 
     per_class = _per_class(names, report.per_class_iou)
@@ -439,7 +442,7 @@ def run_pixel_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Seque
                                        ignore_index=dataset.ignore_index)
     except MetricsError as exc:
         raise ProtocolError(f"{dataset.root}: {exc}; the dataset declares {len(names)} classes") from None
-    model = _model_file(report.model(), "pixel", names, store,
+    model = kmeans_model_dict(report.model(), "pixel", names, store,
                         {"normalize": normalize, "feature_shape": list(feature_shape), "matching": matching})
     atomic_write_json(out_dir / PIXEL_KMEANS_MODEL_FILE, model)
 
