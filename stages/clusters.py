@@ -327,7 +327,7 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
                 bar.update(1)
                 continue
             save_label_png(label_path, classes)
-            save_png(overlay_path, overlay_labels(image, classes))
+            save_png(overlay_path, overlay_labels(image, classes), optimize=False)
         n_written += 1
         bar.update(1)
         if on_image is not None:
