@@ -103,7 +103,7 @@ def test_auto_k_every_picture_and_the_model_file(tmp_path):
     summary = make_clusters(store, [*samples, missing], out, ClusterParams(k_max=6, pca_dim=2, seed=5),
                             progress=False)
 
-    assert summary["k"] == GROUPS and summary["k_rule"] == "silhouette"
+    assert summary["k"] == GROUPS and summary["k_rule"] == "silhouette" and "note" not in summary
     assert summary["n_images"] == 30 and summary["n_valid"] == 29
     skipped = json.loads((out / "skipped.json").read_text())
     assert skipped.keys() == {"gone", "im07"} and skipped["gone"] == "not an image file"
@@ -164,6 +164,12 @@ def test_given_k_is_the_protocols_partition_and_names_apply(tmp_path):
     assert model["cluster_names"] == {"0": "left", "1": "right", "3": "left"}
     with pytest.raises(NamesError, match="names cluster 7"):
         make_clusters(store, samples, tmp_path / "again", ClusterParams(k=4, names={7: "sky"}), progress=False)
+
+
+def test_auto_k_at_the_top_of_the_range_says_so(tmp_path):
+    store, samples, _ = _store(tmp_path, n=24)
+    summary = make_clusters(store, samples, tmp_path / "out", ClusterParams(k_max=GROUPS, pca_dim=2), progress=False)
+    assert summary["k"] == GROUPS and "raise clusters.k_max" in summary["note"]
 
 
 def test_too_few_images(tmp_path):
