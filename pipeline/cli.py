@@ -179,8 +179,13 @@ def _print_headline(result) -> None:
     """The evaluation report's headline figures (or the clusters' pictures), so a run ends with its result."""
     if result.name == "clusters":
         s = result.summary
-        click.echo(f"clusters: k = {s.get('k')}, {s.get('n_images')} images; look at {result.path / 'sheets'}, "
-                   f"name them in a file of 'cluster id: name' lines, then rerun with --set clusters.names=FILE")
+        named = [n for i, n in enumerate(s.get("class_names") or []) if i and not n.startswith("cluster ")]
+        if named:
+            click.echo(f"clusters: k = {s.get('k')}, {s.get('n_images')} images, named {', '.join(named)}; "
+                       f"segmentations in {result.path / 'segmentations'}, colours in {result.path / 'legend.png'}")
+        else:
+            click.echo(f"clusters: k = {s.get('k')}, {s.get('n_images')} images; look at {result.path / 'sheets'}, "
+                       "name them in a file of 'cluster id: name' lines, then rerun with --set clusters.names=FILE")
         if s.get("n_skipped"):
             click.echo(f"skipped: {s['n_skipped']} image(s), listed in {result.path / 'skipped.json'}")
         return

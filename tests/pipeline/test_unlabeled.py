@@ -74,6 +74,7 @@ def test_flat_folder_run_clusters_names_and_segment(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     actions = dict(re.findall(r"^(masks|train|extract|clusters)\s+[0-9a-f]{12}\s+(\w+)", r.output, re.M))
     assert actions == {"masks": "skipped", "train": "skipped", "extract": "skipped", "clusters": "ran"}
+    assert "named red thing, blue thing; segmentations in" in r.output
     named = [p for p in (tmp_path / "store" / "clusters").iterdir() if p.name != version]
     assert len(named) == 1
     rows = list(csv.DictReader((named[0] / "assignments.csv").open()))
