@@ -516,7 +516,7 @@ def segment(state: State, images, out_dir, report, clusters_ref, names_file, mod
     for item in map(Path, images):
         paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir()
                      else [item])
-    model, _ = load_model(training.path)
+    model, meta = load_model(training.path)
     from pipeline.runner import stage_environment
 
     with stage_environment(ctx.image_environment()):  # data.max_pixels, as the stages read images
@@ -524,6 +524,13 @@ def segment(state: State, images, out_dir, report, clusters_ref, names_file, mod
                                  names=names)
     click.echo(f"segmented {summary.get('n_images', len(paths))} image(s) into {out_dir}"
                + (f"; skipped {summary['n_skipped']}" if summary.get("n_skipped") else ""))
+    if summary.get("note"):
+        click.echo(f"note: {summary['note']}", err=True)
+    if meta.get("epochs") == 0:
+        click.echo(f"note: {training.ref} holds the initialisation alone (train.epochs 0): its saliency head is "
+                   "untrained, so the salient regions of these images are not reliable; train the model, or add the "
+                   "images to the dataset folder and rerun (the clusters artifact segments every image it holds)",
+                   err=True)
 
 
 @cli.command(name="config")

@@ -87,6 +87,7 @@ def test_flat_folder_run_clusters_names_and_segment(tmp_path, monkeypatch):
                "--names", "names.txt")
     assert r.exit_code == 0, r.output
     assert "segmented 13 image(s) into seg; skipped 1" in r.output
+    assert "saliency head is untrained" in r.output  # train.epochs 0 here
     assert (tmp_path / "seg" / "legend.png").is_file() and (tmp_path / "seg" / "p03_overlay.png").is_file()
     r = invoke(*base, "segment", "photos", "--out", "seg2", "--clusters", f"clusters/{version}",
                "--report", "evaluate/x")
