@@ -219,10 +219,8 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
                             "clustering needs at least 2 salient regions")
 
     pca_dim = params.pca_dim if params.pca_dim is not None else default_pca_dim(n_valid)
-    protocol = KMeansProtocol(n_clusters=params.k or 2, seeds=(params.seed,), pca_dim=pca_dim,
-                              n_init=params.n_init, use_gpu=params.use_gpu)
     try:
-        z, pca = protocol.whiten(protos[valid])
+        z, pca = KMeansProtocol(pca_dim=pca_dim).whiten(protos[valid])  # the protocol's clustering space
     except KMeansError as exc:
         raise ClustersError(f"{store_dir}: {exc}") from None
     selection = None
@@ -279,8 +277,7 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
     row = {id_: i for i, id_ in enumerate(ids)}
     sheets = out / "sheets"
     for c in range(k):
-        members = [i for i in np.flatnonzero(cluster == c)]
-        members.sort(key=lambda i: dist[i])
+        members = sorted(np.flatnonzero(cluster == c), key=lambda i: dist[i])
         tiles, captions = [], []
         for i in members[:params.sheet_size]:
             try:
@@ -308,7 +305,7 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
     seg.mkdir(exist_ok=True)
     n_written = 0
     bar = tqdm(total=n, desc="clusters: segmentations", unit="img", disable=not progress)
-    for done, rec in enumerate(store.iter(), 1):
+    for rec in store.iter():
         if rec.id not in row:
             continue
         i = row[rec.id]
