@@ -89,11 +89,14 @@ class Clustering:
     def rename(self, names: dict[int, str]) -> None:
         """Name the clusters (``cluster id: name``, ids from 0) instead of the file's classes: clusters
         with one name form one class, unnamed ones are ``cluster c`` (stages.clusters.apply_names)."""
-        from stages.clusters import apply_names
+        from stages.clusters import NamesError, apply_names
 
         if self.protocol != "object":
             raise SegmentError(f"{self.path}: names apply to object clusterings, not {self.protocol!r} ones")
-        mapping, self.class_names = apply_names(self.centroids.shape[0], names)
+        try:
+            mapping, self.class_names = apply_names(self.centroids.shape[0], names)
+        except NamesError as exc:
+            raise SegmentError(f"{self.path}: {exc}") from None
         self.mapping = np.asarray(mapping, np.int64)
 
     def classes(self, x: np.ndarray) -> np.ndarray:
@@ -155,10 +158,7 @@ def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image
 
     clustering = load_clustering(kmeans_model_path, seed)
     if names is not None:
-        try:
-            clustering.rename(names)
-        except ValueError as exc:
-            raise SegmentError(f"{kmeans_model_path}: {exc}") from None
+        clustering.rename(names)
     extract = clustering.extract
     size = int(input_size or extract.get("input_size") or 512)
     interp_name = interpolation or extract.get("interpolation") or "bicubic"

@@ -65,11 +65,11 @@ __all__ = [
     "ProtocolError",
     "SplitCounts",
     "class_counts",
+    "kmeans_model_dict",
     "run_kmeans",
     "run_linear",
     "run_pixel_kmeans",
     "run_retrieval",
-    "kmeans_model_dict",
 ]
 
 KMEANS_MODEL_FILE = "kmeans_model.json"
@@ -443,7 +443,7 @@ def run_pixel_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Seque
     except MetricsError as exc:
         raise ProtocolError(f"{dataset.root}: {exc}; the dataset declares {len(names)} classes") from None
     model = kmeans_model_dict(report.model(), "pixel", names, store,
-                        {"normalize": normalize, "feature_shape": list(feature_shape), "matching": matching})
+                              {"normalize": normalize, "feature_shape": list(feature_shape), "matching": matching})
     atomic_write_json(out_dir / PIXEL_KMEANS_MODEL_FILE, model)
 
     per_class = _per_class(names, report.per_class_iou)

@@ -121,3 +121,25 @@ def test_segment_seed_choice_and_errors(tmp_path):
     with pytest.raises(SegmentError, match="not a clustering file"):
         segment_images(StubModel(), tmp_path / "other.json", [images[0][0]], tmp_path / "o", device="cpu",
                        progress=False)
+
+
+def test_segment_names_clusters_and_writes_a_legend(tmp_path):
+    """--names: cluster ids (from 0) renamed; clusters sharing a name are one class; legend.png."""
+    images = _images(tmp_path)
+    model_path = _model_file(tmp_path / "kmeans_model.json")  # cluster 0 red, cluster 1 magenta
+    out = tmp_path / "named"
+    s = segment_images(StubModel(), model_path, [p for p, _, _ in images], out, device="cpu", progress=False,
+                       names={0: "warm", 1: "warm"})
+    assert set(s["class_pixel_share"]) == {"background", "warm"} and s["legend"] == "legend.png"
+    assert (out / "legend.png").stat().st_size > 100
+    for path, _, _ in images:
+        with Image.open(out / f"{path.stem}.png") as im:
+            assert set(np.unique(np.array(im))) == {0, 1}
+    s = segment_images(StubModel(), model_path, [images[1][0]], tmp_path / "one", device="cpu", progress=False,
+                       names={1: "pink"})
+    assert set(s["class_pixel_share"]) == {"background", "pink"}  # cluster 0 keeps "cluster 0", class 2
+    with pytest.raises(SegmentError, match=r"names cluster 4, but there are 2 clusters \(0-1\)"):
+        segment_images(StubModel(), model_path, [images[0][0]], tmp_path / "o", device="cpu", progress=False,
+                       names={4: "sky"})
+    assert "legend" not in segment_images(StubModel(), model_path, [images[0][0]], tmp_path / "plain",
+                                          device="cpu", progress=False)  # an evaluate report, no names
