@@ -396,8 +396,9 @@ def gc(state: State, confirm, keep, checkpoints_only):
     """Free disk: list (or, with --yes, delete) what the current config does not use.
 
     \b
-    Kept: the versions the current config plans for each stage and their inputs,
-    and what --keep names (with its inputs). Removed: every other version (failed,
+    Kept: the versions the current config plans for each stage and their inputs
+    (clusters included; on unlabelled photos, every stage but evaluate), and what
+    --keep names (with its inputs). Removed: every other version (failed,
     partial, or complete but superseded) and the intermediate checkpoints of complete
     trainings (model.pt and the last checkpoint stay). A version being written is
     left alone: each deletion takes the version's lock first.

@@ -1,11 +1,13 @@
 """``maskcontrast gc``: free the disk that nothing the current configuration uses needs.
 
-Kept: the versions the current config plans for every stage (complete, partial or running: a
-partial one is the next run's head start), the artifacts named with ``--keep``, and, transitively,
-every input their manifests record. Removed: every other version (failed, partial, or complete
-but superseded), and the intermediate checkpoints of complete trainings (``model.pt`` and the
-last checkpoint stay). A version a live writer holds is never touched: each deletion takes the
-version's lock first, and a busy version is reported and left alone.
+Kept: the versions the current config plans for every stage of its pipeline (complete, partial or
+running: a partial one is the next run's head start; ``clusters`` included, and on unlabelled
+photos every stage but ``evaluate``, which needs labels: ``pipeline.stagedefs.pipeline_stages``),
+the artifacts named with ``--keep``, and, transitively, every input their manifests record.
+Removed: every other version (failed, partial, or complete but superseded), and the intermediate
+checkpoints of complete trainings (``model.pt`` and the last checkpoint stay). A version a live
+writer holds is never touched: each deletion takes the version's lock first, and a busy version
+is reported and left alone.
 
 Planning reads manifests and sizes only; nothing is deleted unless ``apply`` is called (the CLI's
 ``--yes``). Like DVC's ``gc``, the rule is "keep what is in use", so run it with the config whose
@@ -20,7 +22,7 @@ from pathlib import Path
 from artifacts.checkpoints import list_checkpoints
 from artifacts.lock import LockError
 from artifacts.store import COMPLETE, RUNNING, Store, dir_size
-from pipeline.graph import Context, available, plan
+from pipeline.graph import Context, plan
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,11 @@ class GcPlan:
 
 
 def kept_refs(ctx: Context, keep: tuple[str, ...] = ()) -> frozenset[str]:
-    """The planned versions of every stage, ``keep`` (resolved refs), and all their inputs."""
+    """The planned versions of every stage of the pipeline, ``keep`` (resolved refs), and all their inputs."""
+    from pipeline.stagedefs import pipeline_stages
+
     store = ctx.store
-    kept = {p.spec.ref for p in plan(ctx, available()).values()} | set(keep)
+    kept = {p.spec.ref for p in plan(ctx, pipeline_stages(ctx)).values()} | set(keep)
     stack = list(kept)
     while stack:
         stage, _, version = stack.pop().partition("/")

@@ -346,6 +346,17 @@ def default_target(ctx: Context) -> str:
     return "evaluate" if labelled(ctx) else "clusters"
 
 
+def pipeline_stages(ctx: Context) -> tuple[str, ...]:
+    """Every registered stage the configured pipeline can plan on this data: all of them with
+    labels (``clusters`` too: it needs none, and a clusters artifact made beside an evaluation is in
+    use), all but ``evaluate`` without (scoring needs ground truth; ``run`` ends at ``clusters``).
+    What ``gc`` keeps: any other planning error stays an error, so gc never deletes on a bad config."""
+    from pipeline.graph import available
+
+    ctx.resolve_splits()
+    return tuple(s for s in available() if s != "evaluate" or labelled(ctx))
+
+
 def _cluster_names(ctx: Context) -> dict[int, str]:
     from stages.clusters import NamesError, read_names
 
@@ -401,6 +412,7 @@ def _describe_clusters(manifest: Mapping[str, Any]) -> str:
 register(StageDef(
     name="clusters",
     schema_version=1,
+    algorithm_version=ALGORITHM_VERSIONS["clusters"],
     help="Clusters without labels: K-means on the prototypes, contact sheets, names, a segmentation per image.",
     needs=lambda cfg: ("extract",),
     params=_clusters_params,

@@ -14,6 +14,10 @@ checkpoints to keep and where the scheduler is belong here. The device setting i
 because what it changes in results, the device type and the precision, enters the train and
 extract versions resolved (``stages.compute``): ``auto`` and ``cpu`` on a machine without CUDA, or
 ``cuda:0`` and ``cuda:1``, name one artifact.
+
+The ``clusters`` section has no entry: every one of its keys changes the partition or the pictures
+(the stage runs in-process on the CPU, with no worker count or device to set);
+``tests/pipeline/test_versions.py`` checks that each ``clusters`` key moves its version.
 """
 from __future__ import annotations
 

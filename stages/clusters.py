@@ -340,14 +340,14 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
     }
     if selection is not None:
         summary["silhouette"] = selection.silhouette[selection.ks.index(k)]
-    notes = [whitening_note(n_valid, pca.dim if pca is not None else None)]
+    notes = [whitening_note(n_valid, pca.dim if pca is not None else None, "clusters.pca_dim")]
     if selection is not None and k == selection.ks[-1] and len(selection.ks) > 1:
         notes.append(f"the silhouette is highest at the largest k tried ({k}): raise clusters.k_max to see "
                      "whether it peaks further on (near-duplicate images, such as video frames, form clusters "
                      "of their own)")
     notes = [n for n in notes if n]
     if notes:
-        summary["note"] = " ".join(notes)
+        summary["note"] = "; ".join(notes)
     if skipped:
         summary["skipped_examples"] = dict(list(sorted(skipped.items()))[:20])
     context = {"embeddings": str(store_dir), "assignments": ASSIGNMENTS_FILE, "model file": KMEANS_MODEL_FILE,

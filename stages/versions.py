@@ -19,6 +19,7 @@ ALGORITHM_VERSIONS: Mapping[str, int] = MappingProxyType({
     "masks": 1,
     "train": 1,
     "extract": 1,
+    "clusters": 1,
     "evaluate": 1,
     "compare": 1,
 })

@@ -295,14 +295,14 @@ COLOUR_LEVELS = 4  # per RGB channel: a 64-bin joint colour histogram
 PROTOTYPES_PER_WHITENED_DIM = 6
 
 
-def whitening_note(n_prototypes: int, whitened_dim: int | None) -> str | None:
+def whitening_note(n_prototypes: int, whitened_dim: int | None, key: str = "evaluate.kmeans.pca_dim") -> str | None:
     """A warning for the K-means report when ``whitened_dim`` (the directions PCA kept, None: no
-    PCA) is large for ``n_prototypes``, else None."""
+    PCA) is large for ``n_prototypes``, else None. ``key``: the setting the note suggests lowering."""
     if whitened_dim is None or n_prototypes >= PROTOTYPES_PER_WHITENED_DIM * whitened_dim:
         return None
     return (f"PCA whitening of {whitened_dim} directions from {n_prototypes} prototypes (under "
             f"{PROTOTYPES_PER_WHITENED_DIM} per direction) scales noise directions up to the signal's; "
-            f"consider evaluate.kmeans.pca_dim <= {max(1, n_prototypes // PROTOTYPES_PER_WHITENED_DIM)}")
+            f"consider {key} <= {max(1, n_prototypes // PROTOTYPES_PER_WHITENED_DIM)}")
 
 
 def colour_descriptors(store: EmbeddingStore, dataset: DatasetIndex, ids: Sequence[str]) -> np.ndarray:

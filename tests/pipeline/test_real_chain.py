@@ -1,6 +1,6 @@
-"""The real chain in the default suite: masks -> train -> extract -> evaluate on a tiny generated
-dataset through the real stage code (no faked extraction or model loading), then a rerun that
-must do no work.
+"""The real chain in the default suite: masks -> train -> extract -> evaluate, and the clusters
+stage on the same embeddings, on a tiny generated dataset through the real stage code (no faked
+extraction or model loading), then a rerun that must do no work.
 
 Sized for two shared cores: 8 train + 8 val demo images of 32 px, MobileNetV2 from random
 weights, one epoch of two steps on 32 px crops, extraction at 32 px, every protocol with one or
@@ -18,7 +18,10 @@ from click.testing import CliRunner
 from artifacts.store import COMPLETE, Store
 from pipeline.cli import cli
 
-STAGES = ("masks", "train", "extract", "evaluate")
+STAGES = ("masks", "train", "extract", "evaluate", "clusters")
+#: what each stage's golden result depends on (clusters reads extract's embeddings, not evaluate's report)
+UPSTREAM = {"masks": (), "train": ("masks",), "extract": ("masks", "train"), "evaluate": ("masks", "train", "extract"),
+            "clusters": ("masks", "train", "extract")}
 SETTINGS = {  # also the golden tests' (tests/pipeline/test_golden.py): changing them changes the digests
     "data.layout": "folder",
     "masks.shard_size": 4,
@@ -43,6 +46,10 @@ SETTINGS = {  # also the golden tests' (tests/pipeline/test_golden.py): changing
     "evaluate.kmeans.pca_dim": 4,
     "evaluate.linear.epochs": 1,
     "evaluate.linear.lr_drop_epoch": 1,
+    "clusters.k_max": 4,
+    "clusters.pca_dim": 4,
+    "clusters.n_init": 2,
+    "clusters.sheet_size": 2,
     "dask.scheduler": "synchronous",
 }
 PROTOCOL_KEYS = {"kmeans": {"miou", "miou_std", "per_class_iou", "seeds"},
@@ -61,7 +68,8 @@ def invoke(*args: str):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """The chain run once for this module: (root, CLI arguments, output of the first run)."""
+    """The chain run once for this module: (root, CLI arguments, output of the first run and of the
+    clusters stage)."""
     return run_chain(tmp_path_factory.mktemp("chain"))
 
 
@@ -80,10 +88,12 @@ def run_chain(root: Path) -> tuple[Path, list[str], str]:
     torch.set_num_threads(1)
     try:
         first = invoke(*args, "-q", "run")
+        assert first.exit_code == 0, first.output
+        clusters = invoke(*args, "-q", "run", "--to", "clusters")  # labels or not, it runs on the embeddings
+        assert clusters.exit_code == 0, clusters.output
     finally:
         torch.set_num_threads(threads)
-    assert first.exit_code == 0, first.output
-    return root, args, first.output
+    return root, args, first.output + clusters.output
 
 
 def test_real_chain_makes_complete_artifacts(chain):
@@ -94,7 +104,7 @@ def test_real_chain_makes_complete_artifacts(chain):
         assert info.state == COMPLETE, (stage, info.manifest and info.manifest.get("error"))
         files = {f["path"] for f in info.manifest["files"]}
         assert files and all((info.path / f).is_file() for f in files)
-    masks, train, extract, evaluate = (store.list(s)[0] for s in STAGES)
+    masks, train, extract, evaluate, clusters = (store.list(s)[0] for s in STAGES)
     assert any(f.startswith("shard-") for f in (x["path"] for x in masks.manifest["files"]))
     assert (train.path / "model.pt").is_file() and train.manifest["inputs"] == {"masks": masks.ref}
     assert extract.manifest["inputs"] == {"train": train.ref, "masks": masks.ref}
@@ -105,6 +115,13 @@ def test_real_chain_makes_complete_artifacts(chain):
     assert metrics["kmeans"]["seeds"] == [1, 2]
     assert 0.0 <= metrics["kmeans"]["miou"] <= 100.0
     assert f"report: {evaluate.path / 'report.md'}" in output
+    assert clusters.manifest["inputs"] == {"extract": extract.ref}
+    summary = clusters.manifest["summary"]
+    assert 2 <= summary["k"] <= 4 and summary["n_images"] == summary["n_segmentations"] == 8
+    assert len(list((clusters.path / "sheets").glob("cluster-*.png"))) == summary["k"]
+    assert len(list((clusters.path / "segmentations").glob("*_overlay.png"))) == 8
+    assert (clusters.path / "kmeans_model.json").is_file() and f"clusters: k = {summary['k']}" in output
+    assert "consider clusters.pca_dim <= 1; the silhouette is highest" in summary["note"]  # its own key named
 
 
 def test_real_chain_rerun_does_no_work(chain):
@@ -112,10 +129,12 @@ def test_real_chain_rerun_does_no_work(chain):
     store = Store(root / "store")
     before = {i.ref: (i.manifest["finished"], i.manifest["attempts"]) for i in store.list()}
     mtimes = {p: p.stat().st_mtime_ns for p in (root / "store").rglob("*") if p.is_file()}
-    r = invoke(*args, "-q", "run")
-    assert r.exit_code == 0, r.output
-    lines = [ln.split() for ln in r.output.splitlines() if ln.split()[:1] and ln.split()[0] in STAGES]
-    assert [(ln[0], ln[2]) for ln in lines] == [(s, "skipped") for s in STAGES], r.output
+    for to, stages in (("evaluate", ("masks", "train", "extract", "evaluate")),
+                       ("clusters", ("masks", "train", "extract", "clusters"))):
+        r = invoke(*args, "-q", "run", "--to", to)
+        assert r.exit_code == 0, r.output
+        lines = [ln.split() for ln in r.output.splitlines() if ln.split()[:1] and ln.split()[0] in STAGES]
+        assert [(ln[0], ln[2]) for ln in lines] == [(s, "skipped") for s in stages], r.output
     assert {i.ref: (i.manifest["finished"], i.manifest["attempts"]) for i in store.list()} == before
     assert _versions(store) == {s: [ref.split("/")[1] for ref in before if ref.startswith(s + "/")] for s in STAGES}
     assert {p: p.stat().st_mtime_ns for p in (root / "store").rglob("*") if p.is_file()} == mtimes
@@ -127,7 +146,7 @@ def test_real_chain_rerun_does_no_work(chain):
 # stage's number in stages/versions.py (so that artifacts made by the old code are not reused as if
 # the new code had made them) and pin the new summary under the new number. Downstream stages are
 # judged only when everything upstream still matches.
-TOLERANCE = {"masks": 0.011, "train": 0.03, "extract": 0.021, "evaluate": 1.01}
+TOLERANCE = {"masks": 0.011, "train": 0.03, "extract": 0.021, "evaluate": 1.01, "clusters": 0.051}
 GOLDEN: dict[str, dict[int, object]] = {
     "masks": {1: [['demo_00000', True, 0.28], ['demo_00001', True, 0.16], ['demo_00002', True, 0.11],
          ['demo_00003', True, 0.03], ['demo_00004', True, 0.22], ['demo_00005', True, 0.05],
@@ -147,6 +166,10 @@ GOLDEN: dict[str, dict[int, object]] = {
          'linear': {'miou': 15.5},
          'retrieval': {'miou': 15.8},
          'saliency': {'iou': 0.55, 'mae': 0.14, 'max_f': 0.81}}},
+    "clusters": {1: {'k': 4, 'silhouette': 0.21,
+                     'partition': [['demo_00008', 'demo_00011', 'demo_00013', 'demo_00015'], ['demo_00009', 'demo_00012'],
+                                   ['demo_00010'], ['demo_00014']],
+                     'unclustered': []}},
 }
 
 
@@ -182,6 +205,17 @@ def fingerprint(stage: str, path: Path) -> object:
         ids, protos, valid = EmbeddingStore(path / "val").prototypes()
         return {"ids": list(ids), "valid": valid.tolist(),
                 "prototypes": [[r(x, 2) for x in row[:6]] for row in protos.astype(np.float64)]}
+    if stage == "clusters":  # the partition (cluster numbering aside), k and its silhouette
+        import csv
+
+        rows = list(csv.DictReader((path / "assignments.csv").open(encoding="utf-8")))
+        members: dict[str, list[str]] = {}
+        for row in rows:
+            members.setdefault(row["cluster"], []).append(row["id"])
+        summary = json.loads((path / "manifest.json").read_text())["summary"]
+        return {"k": summary["k"], "silhouette": r(summary["silhouette"], 2),
+                "partition": sorted(sorted(ids) for c, ids in members.items() if c != "-1"),
+                "unclustered": sorted(members.get("-1", []))}
     metrics = json.loads((path / "metrics.json").read_text())
     return {p: {k: r(v, 1 if k == "miou" else 2) for k, v in m.items() if k in ("miou", "iou", "max_f", "mae")}
             for p, m in sorted(metrics.items())}
@@ -207,7 +241,7 @@ def test_golden_result_per_algorithm_version(chain, stage):
     from stages.versions import ALGORITHM_VERSIONS
 
     store = Store(chain[0] / "store")
-    for upstream in STAGES[:STAGES.index(stage)]:
+    for upstream in UPSTREAM[stage]:
         [info] = store.list(upstream)
         pinned = GOLDEN[upstream].get(ALGORITHM_VERSIONS[upstream])
         if pinned is None or differences(pinned, fingerprint(upstream, info.path), TOLERANCE[upstream]):

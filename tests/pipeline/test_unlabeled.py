@@ -1,5 +1,6 @@
 """Unlabelled photos end to end: any folder of images, no split files, `run` ending at clusters,
-names, `segment --clusters`, an unreadable image; and labelled data keeping its versions."""
+names, `segment --clusters`, an unreadable image, `gc`; and labelled data keeping its splits and
+where `run` ends (its versions are pinned in test_versions.py)."""
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,6 @@ from pipeline.configtypes import ConfigError
 from pipeline.graph import plan
 from pipeline.stagedefs import default_target
 
-REPO = Path(__file__).resolve().parents[2]
 # a tiny, fast pipeline: hand-crafted priors, the initialisation alone, small inputs, in-process
 FAST = ("--set", "masks.priors.size=48", "--set", "masks.priors.n_segments=40", "--set", "dask.scheduler=synchronous",
         "--set", "train.backbone=mobilenet_v2", "--set", "train.epochs=0", "--set", "train.batch_size=2",
@@ -98,6 +98,19 @@ def test_flat_folder_run_clusters_names_and_segment(tmp_path, monkeypatch):
     r = invoke(*base, "--set", "clusters.names=bad.txt", "clusters")  # a usage error, before any work
     assert r.exit_code == 2 and re.search(r"clusters.names: \S*bad.txt, line 1: expected", r.output)
 
+    # gc keeps what this pipeline uses (no evaluate on photos): the planned clusters version and its
+    # inputs; the clusters version made before the names is superseded
+    named_base = (*base, "--set", "clusters.names=names.txt")
+    r = invoke(*named_base, "gc")
+    assert r.exit_code == 0, r.output
+    listed = [ln for ln in r.output.splitlines() if ln.startswith("would free  ")]
+    assert len(listed) == 1 and str(Path("store") / "clusters" / version) in listed[0] and "superseded" in listed[0]
+    r = invoke(*named_base, "gc", "--yes")
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in (tmp_path / "store" / "clusters").iterdir()] == [named[0].name]
+    r = invoke(*named_base, "gc")
+    assert r.exit_code == 0 and "nothing to free" in r.output, r.output
+
 
 def test_images_folder_without_splits_uses_all_images(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -123,30 +136,5 @@ def test_labelled_data_keeps_run_ending_at_evaluate(tmp_path, monkeypatch, make_
     assert (ctx.cfg.data.train_split, ctx.cfg.data.val_split) == ("train", "val")  # split files: kept
 
 
-# The demo config's planned versions, pinned: the clusters stage and the split resolution must not
-# move a labelled run's artifacts. These are the versions at commit c06880b (before issue 17), on
-# a small demo set (make_demo seed 0, 12 + 6 images at 64 px). A deliberate change to the demo
-# config or to a stage's parameters updates them.
-PINNED = {
-    (): {"masks": "9abf7619f44e", "train": "5cd218e00411", "extract": "f9262e3950f3", "evaluate": "1b4c3c7fb1c0"},
-    ("evaluate.protocols=[kmeans]", "masks.method=model"): {
-        "masks": "bb3d7dab89be", "train": "9f06cfc32366", "extract": "5c2543706f8e", "evaluate": "f5f34875c1f1"},
-}
-
-
-@pytest.mark.parametrize("overrides", list(PINNED))
-def test_demo_config_versions_are_pinned(tmp_path, monkeypatch, overrides):
-    from stages.data.demo import make_demo
-
-    make_demo(tmp_path / "demo", n_train=12, n_val=6, size=64, seed=0, progress=False)
-    config = REPO / "configs" / "demo.yaml"
-    config = config if config.is_file() else REPO / "pipeline.yaml"
-    extra = ()
-    if "masks.method=model" in overrides:  # the model file's content enters the version
-        onnx = tmp_path / "saliency.onnx"
-        onnx.write_bytes(b"pinned model bytes")
-        extra = (f"masks.model_path={onnx}",)
-    monkeypatch.chdir(tmp_path)
-    ctx = State(str(config), (f"data.root={tmp_path / 'demo'}", *overrides, *extra), str(tmp_path / "store"),
-                True, False).context()
-    assert {k: v.version for k, v in plan(ctx, ("evaluate",)).items()} == PINNED[overrides]
+# The versions labelled configs plan (and the clusters versions, on labelled data and on a folder of
+# photos) are pinned in one place: tests/pipeline/test_versions.py.

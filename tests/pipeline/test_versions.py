@@ -4,7 +4,9 @@ renames every artifact is made on purpose (update the pins and say so), never by
 
 History: the pins moved once, when algorithm versions (stages/versions.py) and the resolved device
 type and precision entered the versions; the bookkeeping and data.max_pixels changes before that
-kept every version."""
+kept every version. The clusters stage (issue 17: unlabelled photos) joined the pins without
+moving any other stage's version: a labelled dataset keeps its splits, and every labelled
+config plans the versions it planned before."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,20 +16,33 @@ import pytest
 from artifacts.store import Store
 from pipeline.config import load_config
 from pipeline.graph import Context, plan
+from pipeline.stagedefs import pipeline_stages
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ["pipeline.yaml"] + sorted(f"configs/{p.name}" for p in (REPO / "configs").glob("*.yaml"))
 #: variants whose parameters are assembled by other code paths
-VARIANTS = {"configs/demo.yaml+bootstrap": ("configs/demo.yaml", ("masks.method=bootstrap",))}
+VARIANTS = {"configs/demo.yaml+bootstrap": ("configs/demo.yaml", ("masks.method=bootstrap",)),
+            # the real-photo defaults on unlabelled photos (a flat folder, no splits, no labels): no
+            # evaluate, train and val read 'all'
+            "pipeline.yaml+photos": ("pipeline.yaml", ("data.root={photos}",))}
 
 #: config -> stage -> version, on ``fixed_dataset`` with the paths of ``user_paths``
 PINNED = {
-    "pipeline.yaml": {"masks": "c308c29c5b3a", "train": "799f3cefd821", "extract": "cfbae6c2802c", "evaluate": "803831e9cb6d"},
-    "configs/demo.yaml": {"masks": "c1b131184dda", "train": "d1f7a33fc1cd", "extract": "406925edb01f", "evaluate": "e34e1a9b81fb"},
-    "configs/davis16_mobilenet.yaml": {"masks": "16bea5aa4bb2", "train": "ddb30b9973fb", "extract": "dedd1e89015a", "evaluate": "3e39d558a029"},
-    "configs/voc_supervised_imagenet.yaml": {"masks": "cab1ee2ec5fe", "train": "f7931f159bf1", "extract": "7f6dc84553cd", "evaluate": "998aa912a171"},
-    "configs/voc_unsupervised_moco.yaml": {"masks": "cab1ee2ec5fe", "train": "77affedbadb0", "extract": "91b4025e58c4", "evaluate": "e0f7a55f0396"},
-    "configs/demo.yaml+bootstrap": {"masks": "e7c019bc9690", "train": "a65c2ef17d52", "extract": "a1ca65d64923", "evaluate": "6733e515f7d0"},
+    "pipeline.yaml": {"masks": "c308c29c5b3a", "train": "799f3cefd821", "extract": "cfbae6c2802c",
+                      "clusters": "ee42b2ab1945", "evaluate": "803831e9cb6d"},
+    "configs/demo.yaml": {"masks": "c1b131184dda", "train": "d1f7a33fc1cd", "extract": "406925edb01f",
+                          "clusters": "59dff42a1aa4", "evaluate": "e34e1a9b81fb"},
+    "configs/davis16_mobilenet.yaml": {"masks": "16bea5aa4bb2", "train": "ddb30b9973fb", "extract": "dedd1e89015a",
+                                       "clusters": "58ced8219a99", "evaluate": "3e39d558a029"},
+    "configs/voc_supervised_imagenet.yaml": {"masks": "cab1ee2ec5fe", "train": "f7931f159bf1",
+                                             "extract": "7f6dc84553cd", "clusters": "7b4289d343f5",
+                                             "evaluate": "998aa912a171"},
+    "configs/voc_unsupervised_moco.yaml": {"masks": "cab1ee2ec5fe", "train": "77affedbadb0", "extract": "91b4025e58c4",
+                                           "clusters": "7ead5255d028", "evaluate": "e0f7a55f0396"},
+    "configs/demo.yaml+bootstrap": {"masks": "e7c019bc9690", "train": "a65c2ef17d52", "extract": "a1ca65d64923",
+                                    "clusters": "b550549fc11b", "evaluate": "6733e515f7d0"},
+    "pipeline.yaml+photos": {"masks": "183901ffeff6", "train": "d37baf43b896", "extract": "db3387b7917e",
+                             "clusters": "8b7e5657a6e2"},
 }
 
 
@@ -42,6 +57,14 @@ def fixed_dataset(root: Path) -> Path:
         for i, id_ in enumerate(ids):
             (root / "images" / f"{id_}.png").write_bytes(b"i" * (100 + i))
             (root / "labels" / f"{id_}.png").write_bytes(b"l" * (50 + i))
+    return root
+
+
+def fixed_photos(root: Path) -> Path:
+    """A flat folder of photos (no images/, labels/, splits/ or classes.txt) with a fixed fingerprint."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        (root / f"photo{i}.jpg").write_bytes(b"p" * (200 + i))
     return root
 
 
@@ -62,9 +85,10 @@ def planned_versions(config: str, tmp: Path, extra: tuple[str, ...] = ()) -> dic
     sets = user_paths(tmp)
     if base.train.init == "random":
         sets = [s for s in sets if not s.startswith("train.init=")]
-    cfg = load_config(REPO / config, sets + list(extra))
+    extra = [e.replace("{photos}", str(fixed_photos(tmp / "photos"))) for e in extra]
+    cfg = load_config(REPO / config, sets + extra)
     ctx = Context(cfg=cfg, store=Store(tmp / "store"), quiet=True)
-    return {name: p.version for name, p in plan(ctx).items()}
+    return {name: p.version for name, p in plan(ctx, pipeline_stages(ctx)).items()}
 
 
 @pytest.mark.parametrize("config", CONFIGS + list(VARIANTS))
@@ -130,7 +154,31 @@ def test_algorithm_versions_enter_versions(tmp_path, monkeypatch):
     got = planned_versions("configs/demo.yaml", tmp_path)
     pinned = PINNED["configs/demo.yaml"]
     assert got["masks"] == pinned["masks"]  # upstream unchanged
-    assert all(got[s] != pinned[s] for s in ("train", "extract", "evaluate"))  # the bumped stage and downstream
+    assert all(got[s] != pinned[s] for s in ("train", "extract", "clusters", "evaluate"))  # bumped and downstream
+
+
+def test_every_stage_has_an_algorithm_version():
+    import pipeline.stagedefs  # noqa: F401  (registers the stages)
+    from pipeline.graph import STAGES
+    from stages.versions import ALGORITHM_VERSIONS
+
+    assert set(STAGES) | {"compare"} == set(ALGORITHM_VERSIONS)
+    assert all(STAGES[s].algorithm_version == ALGORITHM_VERSIONS[s] for s in STAGES)
+
+
+def test_clusters_algorithm_version_moves_clusters_alone(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pipeline.stagedefs  # noqa: F401  (registers the stages)
+    from pipeline.graph import STAGES
+
+    monkeypatch.setitem(STAGES, "clusters", dataclasses.replace(
+        STAGES["clusters"], algorithm_version=STAGES["clusters"].algorithm_version + 1))
+    for i, config in enumerate(("configs/demo.yaml", "pipeline.yaml+photos")):
+        path, extra = VARIANTS.get(config, (config, ()))
+        (tmp_path / str(i)).mkdir()
+        got, pinned = planned_versions(path, tmp_path / str(i), extra), PINNED[config]
+        assert {s: got[s] == pinned[s] for s in pinned} == {s: s != "clusters" for s in pinned}
 
 
 def test_bootstrap_bookkeeping_does_not_change_the_mask_version(tmp_path):
@@ -167,6 +215,23 @@ def test_stage_parameter_objects_read_the_same_declaration():
 @pytest.mark.parametrize("setting", ["train.epochs=3", "extract.input_size=256", "masks.threshold=0.4"])
 def test_result_keys_do_change_versions(setting, tmp_path):
     assert planned_versions("configs/demo.yaml", tmp_path, (setting,)) != PINNED["configs/demo.yaml"]
+
+
+@pytest.mark.parametrize("setting", ["clusters.k=3", "clusters.k_max=8", "clusters.pca_dim=4", "clusters.n_init=2",
+                                     "clusters.seed=7", "clusters.sheet_size=4", "clusters.names={names}"])
+def test_clusters_keys_change_the_clusters_version_alone(setting, tmp_path):
+    """The clusters stage has no bookkeeping key: each of its keys changes its pictures or partition."""
+    from pipeline.config import Config
+    from pipeline.configtypes import field_docs
+
+    assert {k for k, *_ in field_docs(Config) if k.startswith("clusters.")} == {
+        "clusters.k", "clusters.k_max", "clusters.pca_dim", "clusters.n_init", "clusters.seed",
+        "clusters.sheet_size", "clusters.names"}  # a new key is added here, or declared bookkeeping
+    (tmp_path / "names.txt").write_text("0: sky\n")
+    path, extra = VARIANTS["pipeline.yaml+photos"]
+    got = planned_versions(path, tmp_path, (*extra, setting.replace("{names}", str(tmp_path / "names.txt"))))
+    pinned = PINNED["pipeline.yaml+photos"]
+    assert {s: got[s] == pinned[s] for s in pinned} == {s: s != "clusters" for s in pinned}
 
 
 def test_status_with_bookkeeping_set_plans_no_new_version(tmp_path, monkeypatch):
