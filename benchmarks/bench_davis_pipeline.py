@@ -9,6 +9,8 @@ store so shared stages are computed once) from ``configs/davis16_mobilenet.yaml`
 - ``bootstrap``: trained on the DeepUSPS-style ``bootstrap`` masks (no human saliency labels; its
   encoder from the same ImageNet weights);
 - ``priors``: trained on the hand-crafted ``priors`` masks;
+- ``features``: trained on the ``features`` masks (objects cut from the ImageNet MobileNetV2's
+  feature grid; no saliency labels); ``bootstrap-features``: the bootstrap taught by them;
 - ``model-backbone`` / ``bootstrap-backbone``: that row's network, prototypes from its backbone
   like ``init`` (does training improve the backbone, or only add a head on top of it?).
 
@@ -40,6 +42,11 @@ ROWS = {
     # a random-init bootstrap does not beat the priors on this set (README); ImageNet does
     "bootstrap": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}"],
     "priors": ["masks.method=priors"],
+    # objects cut from the ImageNet MobileNetV2's features (the default estimator of pipeline.yaml)
+    "features": ["masks.method=features", f"masks.features.init={IMAGENET}"],
+    "features-backbone": ["masks.method=features", f"masks.features.init={IMAGENET}", "extract.embedding=backbone"],
+    "bootstrap-features": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}",
+                           "masks.bootstrap.teacher=features", f"masks.features.init={IMAGENET}"],
     "model-backbone": ["extract.embedding=backbone"],
     "bootstrap-backbone": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}", "extract.embedding=backbone"],
 }
