@@ -34,6 +34,10 @@ accurate than densecrf's lattice, which approximates it as it does the bilateral
 
 Cost (benchmarks/bench_crf.py, one core): about 2 s for a 500 x 375 image with 21 classes and
 2 s for 854 x 480 with 2 classes, half of it the lattice build in the second case.
+
+Against pydensecrf itself (benchmarks/bench_crf_reference.py, the ``crf-reference`` extra; README
+"Dense CRF"): the argmax maps agree on 99.99 % of the pixels of 30 davis16 photographs and on
+99.7 % of the pixels either CRF changed; the differences come from the spatial term.
 """
 from __future__ import annotations
 
