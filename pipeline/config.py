@@ -330,10 +330,10 @@ def _resolve_relative(cls: type, data: Any, base: Path) -> Any:
             out[f.name] = _resolve_relative(tp, out[f.name], base)
         elif _is_path_type(tp) and isinstance(out[f.name], str) and out[f.name]:
             p = Path(out[f.name]).expanduser()
-            out[f.name] = str(p if p.is_absolute() else base / p)
+            out[f.name] = os.path.normpath(p if p.is_absolute() else base / p)  # no configs/../ in messages
         elif f.name == "init" and isinstance(out[f.name], str) and out[f.name] not in ("random", "", *WEIGHT_NAMES):
             p = Path(out[f.name]).expanduser()
-            out[f.name] = str(p if p.is_absolute() else base / p)
+            out[f.name] = os.path.normpath(p if p.is_absolute() else base / p)  # no configs/../ in messages
     return out
 
 
