@@ -52,19 +52,6 @@ def probe_like_probs(label: np.ndarray, n_cls: int, rng: np.random.Generator, co
     return (probs / probs.sum(axis=0)).astype(np.float32)
 
 
-def reference_crf(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """pydensecrf's marginals (C, H, W), called as the MaskContrast reference calls it."""
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_softmax
-
-    c, h, w = probs.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    d.addPairwiseGaussian(sxy=1, compat=3)
-    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
-    return np.array(d.inference(10), dtype=np.float32).reshape(c, h, w)
-
-
 def _miou(pred: np.ndarray, truth: np.ndarray, n_cls: int) -> float:
     valid = truth != 255
     conf = np.bincount(truth[valid].astype(np.int64) * n_cls + pred[valid], minlength=n_cls * n_cls)
@@ -77,7 +64,7 @@ def _miou(pred: np.ndarray, truth: np.ndarray, n_cls: int) -> float:
 
 def compare(samples, n_cls: int, coarse: int, seed: int, verbose: bool = True) -> dict:
     """Run both CRFs on each (id, image, label); pooled figures and per-image rows."""
-    from stages.evaluate.crf import CRFParams, dense_crf
+    from stages.evaluate.crf import CRFParams, dense_crf, pydensecrf_crf
 
     rng = np.random.default_rng(seed)
     params = CRFParams()
@@ -91,7 +78,7 @@ def compare(samples, n_cls: int, coarse: int, seed: int, verbose: bool = True) -
         q_ours = dense_crf(image, probs, params)
         t_ours.append(time.perf_counter() - start)
         start = time.perf_counter()
-        q_ref = reference_crf(image, probs)
+        q_ref = pydensecrf_crf(image, probs)
         t_ref.append(time.perf_counter() - start)
         a0, a1, a2 = probs.argmax(0), q_ours.argmax(0), q_ref.argmax(0)
         changed = (a1 != a0) | (a2 != a0)

@@ -75,12 +75,12 @@ def _features_identity(cfg: Config) -> dict[str, Any]:
 
 def _init_identity(init: str, backbone: str) -> Any:
     """What an ``init`` value means for a version: the file's content, not its path or name."""
-    from stages.common.weights import resolve_init
+    from stages.common.weights import file_digest, resolve_init
 
     if init == "random":
         return init
     path = Path(resolve_init(init, backbone))
-    return {"file": path.name, "sha256": sha256_file(path)}
+    return {"file": path.name, "sha256": file_digest(path)}
 
 
 def _post_params(cfg: Config):
@@ -130,14 +130,14 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
 
 
 def _features_estimator(cfg: Config):
-    from stages.common.weights import resolve_init
+    from stages.common.weights import file_digest, resolve_init
     from stages.masks.features import FeatureEstimator, FeatureParams
 
     f = cfg.masks.features
     section = cfg.section("masks", drop_volatile=False)["features"]
     params = FeatureParams(**{k: v for k, v in section.items() if k not in ("init", "init_kind", "threads")})
     weights = Path(resolve_init(f.init, f.backbone))
-    return FeatureEstimator(params, weights, sha256_file(weights), f.init_kind, threads=f.threads)
+    return FeatureEstimator(params, weights, file_digest(weights), f.init_kind, threads=f.threads)
 
 
 def _bootstrap_params(cfg: Config):

@@ -10,6 +10,7 @@ No torch import: the configuration layer resolves names before any stage starts.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -18,6 +19,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from artifacts.atomic import sha256_file
 
 WEIGHT_NAMES = ("imagenet", "moco_v2")
 DOWNLOAD_TIMEOUT_S = 30
@@ -69,7 +72,17 @@ def weights_spec(name: str, backbone: str) -> WeightsSpec:
         raise WeightsError(f"no weights named {name!r} for backbone {backbone!r}; known: {have}") from None
 
 
-def file_digest(path: Path, kind: str) -> str:
+def file_digest(path: str | os.PathLike, kind: str = "sha256") -> str:
+    """Hex digest of a weights file, computed once per process for an unchanged file: the
+    configuration check, the version and the stage all ask for it at start-up."""
+    st = os.stat(path)
+    return _digest(os.path.realpath(path), st.st_size, st.st_mtime_ns, kind)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int, kind: str) -> str:
+    if kind == "sha256":
+        return sha256_file(path)
     digest = hashlib.new(kind)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -361,3 +361,18 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
         messages.append(potts_message(lattice.filter, params.bilateral_compat, n))
     q = mean_field(unary, messages, params.iterations)  # (N, C)
     return np.ascontiguousarray(q.T).reshape(c, h, w)
+
+
+def pydensecrf_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """The same model through pydensecrf, as the reference calls it (its utils/crf.py): the
+    independent check of ``dense_crf``. Needs the optional extra ``crf-reference`` (pydensecrf2)."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    c, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    d.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
+    d.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb,
+                           rgbim=np.ascontiguousarray(image), compat=params.bilateral_compat)
+    return np.array(d.inference(params.iterations), dtype=np.float32).reshape(c, h, w)

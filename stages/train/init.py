@@ -6,13 +6,14 @@ Anything that does not fit exactly, apart from the classifier and BatchNorm's
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from stages.common.weights import file_digest
 
 INIT_KINDS = ("moco", "torchvision", "auto")
 MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.")  # DDP-saved and single-process MoCo
@@ -22,14 +23,6 @@ _LIST_AT_MOST = 10
 
 class InitError(ValueError):
     """A checkpoint that cannot initialise the backbone, with the file and the offending keys."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _key_list(keys: list[str]) -> str:
@@ -144,7 +137,7 @@ def load_init(model_backbone: nn.Module, path: str | Path, kind: str = "auto") -
     return {
         "kind": kind,
         "path": str(path),
-        "sha256": _sha256(path),
+        "sha256": file_digest(path),  # hashed once per process (stages.common.weights)
         "loaded": len(candidates),
         "ignored": sorted(ignored),
     }

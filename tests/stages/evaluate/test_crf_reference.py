@@ -13,22 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.evaluate.crf import CRFParams, dense_crf
+from stages.evaluate.crf import CRFParams, dense_crf, pydensecrf_crf
 
 pytestmark = pytest.mark.slow
-
-
-def _reference(image: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """pydensecrf as the MaskContrast reference calls it (its utils/crf.py)."""
-    dcrf = pytest.importorskip("pydensecrf.densecrf")
-    from pydensecrf.utils import unary_from_softmax
-
-    c, h, w = probs.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    d.addPairwiseGaussian(sxy=1, compat=3)
-    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(image), compat=4)
-    return np.array(d.inference(10), dtype=np.float32).reshape(c, h, w)
+pytest.importorskip("pydensecrf.densecrf")
 
 
 def _probe_like(label: np.ndarray, n_cls: int, rng: np.random.Generator, coarse: int = 16) -> np.ndarray:
@@ -58,7 +46,7 @@ def _scene(h: int, w: int, n_cls: int, rng: np.random.Generator) -> tuple[np.nda
 def _agreement(image: np.ndarray, probs: np.ndarray) -> tuple[int, int, int]:
     """(pixels, pixels either CRF changed, of those the ones where both argmax maps agree) plus
     checks that need no threshold."""
-    ours, ref = dense_crf(image, probs, CRFParams()), _reference(image, probs)
+    ours, ref = dense_crf(image, probs, CRFParams()), pydensecrf_crf(image, probs)
     start, a, b = probs.argmax(0), ours.argmax(0), ref.argmax(0)
     changed = (a != start) | (b != start)
     assert (a == b).mean() > 0.995, (a == b).mean()
@@ -66,7 +54,6 @@ def _agreement(image: np.ndarray, probs: np.ndarray) -> tuple[int, int, int]:
 
 
 def test_agrees_with_pydensecrf_on_synthetic_scenes():
-    pytest.importorskip("pydensecrf.densecrf")
     rng = np.random.default_rng(0)
     changed = agree = 0
     for h, w, n_cls in ((120, 160, 4), (96, 200, 3), (144, 144, 6)):
@@ -79,7 +66,6 @@ def test_agrees_with_pydensecrf_on_synthetic_scenes():
 
 @pytest.mark.realdata
 def test_agrees_with_pydensecrf_on_photographs(davis_root):
-    pytest.importorskip("pydensecrf.densecrf")
     from stages.data import DatasetIndex, load_image, load_label
 
     dataset = DatasetIndex.open(davis_root)
