@@ -1,4 +1,5 @@
-"""Mask shards: one HDF5 file per block of images holding one binary saliency mask per image.
+"""Mask shards: one HDF5 file per block of images holding one binary saliency mask per image and,
+from ``schema_version`` 2, a list of object proposals per image.
 
 Layout of ``shard-NNNNN.h5`` (``schema_version`` 1), CSR style so masks of any size sit in one
 flat dataset and a read touches only the chunks the mask lies in:
@@ -20,6 +21,22 @@ flat dataset and a read touches only the chunks the mask lies in:
   ``soft_offsets`` (int64, n + 1), placed the same way.
 - ``fg_fraction`` (float32, n), ``kept`` (bool, n), ``reason`` (utf-8 str, n; "" when kept).
 
+Version 2 (written when the records carry proposals, :attr:`MaskRecord.proposals`) is version 1
+plus each image's proposals, a second CSR level:
+
+- ``proposal_rows`` (int64, n + 1): the proposals of image i are rows
+  ``proposal_rows[i]:proposal_rows[i + 1]`` (P proposals in all, ``proposal_rows[n] == P``),
+  best first, as the writer ordered them; an image may have none.
+- ``proposal_masks`` (uint8, flat) + ``proposal_offsets`` (int64, P + 1): each proposal's mask
+  bit-packed at its image's shape exactly like ``masks``, placed in chunks the same way.
+- ``proposal_score`` (float32, P): the estimator's score (higher is better), ``proposal_area``
+  (float32, P): the proposal's share of the image's pixels.
+
+``masks`` and ``fg_fraction`` keep their version-1 meaning (the image's binary saliency mask),
+so a reader that ignores proposals reads a version-2 shard as it reads a version-1 one. Readers
+dispatch on ``schema_version``; :meth:`MaskShardReader.read_proposals` reads a version-1 image as
+one proposal, its mask with score 1.0 (none when the mask is empty).
+
 Dropped images keep their mask, so inspection can show what was dropped and why.
 Readers open files lazily and read-only, without a chunk cache (random reads over a training set
 almost never hit it, and it would hold masks in every worker's memory), and reopen after
@@ -28,8 +45,9 @@ pickling or ``fork`` so they work in DataLoader workers.
 from __future__ import annotations
 
 import os
+import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,14 +72,17 @@ from artifacts.shards import (
     fraction_summary,
     int_range,
     pack_mask,
+    packed_size,
     place_in_chunks,
     placement_ok,
+    unpack_mask,
     write_header,
     write_placed,
 )
 
 __all__ = [
     "MASK_CHUNK_BYTES",
+    "PROPOSALS_SCHEMA_VERSION",
     "SCHEMA",
     "SCHEMA_VERSION",
     "SOFT_CHUNK_BYTES",
@@ -69,6 +90,7 @@ __all__ = [
     "MaskRecord",
     "MaskShardReader",
     "MaskStore",
+    "Proposal",
     "place_in_chunks",
     "read_shard_attrs",
     "shard_index",
@@ -78,7 +100,8 @@ __all__ = [
 ]
 
 SCHEMA = "maskcontrast/masks"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1            # written for records without proposals (one mask per image)
+PROPOSALS_SCHEMA_VERSION = 2  # written for records with proposals
 
 # Chunk size of soft maps in bytes, measured with `python benchmarks/bench_mask_io.py --sweep`
 # (MASK_CHUNK_BYTES, for the packed masks, is defined in artifacts.shards).
@@ -93,18 +116,48 @@ class MaskFormatError(ValueError):
     """A file that is not a readable mask shard: wrong schema, unknown version, or corrupt."""
 
 
+@dataclass(frozen=True, eq=False)
+class Proposal:
+    """One object proposal of an image: a non-empty bool (H, W) mask at the image's resolution,
+    a finite score (higher is better; held at float32 precision, as stored) and ``area``, the
+    mask's share of the image's pixels (computed)."""
+
+    mask: np.ndarray
+    score: float
+    area: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.mask
+        if not isinstance(m, np.ndarray) or m.dtype != np.bool_ or m.ndim != 2 or 0 in m.shape:
+            raise ValueError(f"proposal mask must be a non-empty bool (H, W) array, got {describe_array(m)}")
+        count = int(np.count_nonzero(m))
+        if count == 0:
+            raise ValueError(f"proposal mask {m.shape} has no foreground pixel")
+        if isinstance(self.score, bool) or not isinstance(self.score, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(self.score):
+            raise ValueError(f"proposal score must be a finite number, got {self.score!r}")
+        object.__setattr__(self, "score", float(np.float32(self.score)))
+        object.__setattr__(self, "area", count / m.size)
+
+    def __repr__(self) -> str:
+        return f"Proposal(mask={self.mask.shape}, score={self.score:.4g}, area={self.area:.4g})"
+
+
 @dataclass
 class MaskRecord(ShardRecord):
     """One image's mask proposal.
 
     ``mask``: bool (H, W) at the image's original resolution. ``soft``: uint8 (H, W) saliency map
     * 255, or None. ``kept`` is False for images the stage dropped, ``reason`` says why ("" when
-    kept), e.g. ``"fg<0.01"``, ``"fg>0.99"``, ``"unreadable: ..."``.
+    kept), e.g. ``"fg<0.01"``, ``"fg>0.99"``, ``"unreadable: ..."``. ``proposals``: the image's
+    object proposals, best first (a record with them is written as schema version 2), or None
+    (version 1; and on reading, unless asked for).
     """
 
     soft: np.ndarray | None = None
     kept: bool = True
     reason: str = ""
+    proposals: list[Proposal] | None = None
     _kind: ClassVar[str] = "mask"
 
     def __post_init__(self) -> None:
@@ -117,6 +170,17 @@ class MaskRecord(ShardRecord):
             raise ValueError(f"reason of {self.id!r} must be a str without NUL, got {self.reason!r}")
         if self.kept and self.reason:
             raise ValueError(f"record {self.id!r} is kept but has a drop reason {self.reason!r}")
+        if self.proposals is not None:
+            if not isinstance(self.proposals, (list, tuple)):
+                raise ValueError(f"proposals of {self.id!r} must be a list of Proposal or None, "
+                                 f"got {type(self.proposals).__name__}")
+            self.proposals = list(self.proposals)
+            for k, p in enumerate(self.proposals):
+                if not isinstance(p, Proposal):
+                    raise ValueError(f"proposal {k} of {self.id!r} must be a Proposal, got {type(p).__name__}")
+                if p.mask.shape != self.mask.shape:
+                    raise ValueError(f"proposal {k} of {self.id!r} has shape {p.mask.shape}, "
+                                     f"its image's mask {self.mask.shape}")
 
     @property
     def fg_fraction(self) -> float:
@@ -153,9 +217,61 @@ class _Index(ShardIndex):
             return "soft_offsets do not match shapes and the soft dataset"
         return None
 
+    has_proposals: ClassVar[bool] = False
+
+    @property
+    def n_proposals(self) -> np.ndarray:  # int32 (n,)
+        """Proposals per image as :meth:`MaskShardReader.read_proposals` gives them: version 1,
+        one for a non-empty mask."""
+        return (self.fg_fraction > 0).astype(np.int32)
+
+
+@dataclass
+class _IndexV2(_Index):
+    """Version 2: version 1's rows plus the proposals' index (the second CSR level)."""
+
+    proposal_rows: np.ndarray     # int64 (n + 1,): image i's proposals are rows [i]:[i + 1]
+    proposal_offsets: np.ndarray  # int64 (P + 1,): start of each packed proposal in `proposal_masks`
+    proposal_score: np.ndarray    # float32 (P,)
+    proposal_area: np.ndarray     # float32 (P,)
+
+    has_proposals: ClassVar[bool] = True
+
+    @classmethod
+    def read_rows(cls, f: h5py.File) -> dict[str, Any]:
+        return dict(
+            super().read_rows(f),
+            proposal_rows=f["proposal_rows"][()].astype(np.int64),
+            proposal_offsets=f["proposal_offsets"][()].astype(np.int64),
+            proposal_score=f["proposal_score"][()].astype(np.float32),
+            proposal_area=f["proposal_area"][()].astype(np.float32),
+        )
+
+    def rows_match(self, n: int) -> bool:
+        return super().rows_match(n) and self.proposal_rows.shape == (n + 1,)
+
+    def data_problem(self, f: h5py.File, n: int) -> str | None:
+        problem = super().data_problem(f, n)
+        if problem:
+            return problem
+        rows = self.proposal_rows
+        n_prop = self.proposal_score.shape[0]
+        if rows[0] != 0 or rows[-1] != n_prop or (np.diff(rows) < 0).any():
+            return f"proposal_rows do not run from 0 to the {n_prop} proposals in order"
+        if self.proposal_area.shape != (n_prop,) or self.proposal_score.ndim != 1:
+            return "proposal_score and proposal_area differ in length"
+        sizes = np.repeat(self.mask_bytes, np.diff(rows))  # packed bytes of each proposal
+        if not placement_ok(self.proposal_offsets, sizes, f["proposal_masks"].shape[0]):
+            return "proposal_offsets do not match shapes, proposal_rows and the proposal_masks dataset"
+        return None
+
+    @property
+    def n_proposals(self) -> np.ndarray:  # int32 (n,)
+        return np.diff(self.proposal_rows).astype(np.int32)
+
 
 _FORMAT = ShardFormat(kind="mask", prefix="shard", schema=SCHEMA, error=MaskFormatError,
-                      index_types={1: _Index})
+                      index_types={SCHEMA_VERSION: _Index, PROPOSALS_SCHEMA_VERSION: _IndexV2})
 
 
 # shard_name(3) == "shard-00003.h5"; shard_index is its inverse, None for any other name.
@@ -176,8 +292,10 @@ def write_mask_shard(path: str | os.PathLike, records: Sequence[MaskRecord],
     that are not str/int/float/bool are JSON-encoded. ``compression``: "lzf" (fast), "gzip"
     (as fast here on bit-packed masks, a third smaller, and readable by every HDF5 tool without
     a plugin) or None (contiguous, fastest reads, ~7x the disk). ``mask_chunk_bytes`` and
-    ``soft_chunk_bytes`` set the chunk sizes of compressed data. Either every record has a soft
-    map or none does.
+    ``soft_chunk_bytes`` set the chunk sizes of compressed data (proposal masks are chunked
+    like masks). Either every record has a soft map or none does; likewise proposals: records
+    with proposals (an empty list included) are written as schema version 2, records without as
+    version 1, byte for byte as before proposals existed.
     """
     path = Path(path)
     check_compression(path, "compression", compression)
@@ -193,11 +311,17 @@ def write_mask_shard(path: str | os.PathLike, records: Sequence[MaskRecord],
         missing = [r.id for r in records if r.soft is None][:3]
         raise ValueError(f"{path}: {n_soft} of {len(records)} records have a soft map; all or none "
                          f"must (without one: {missing})")
+    n_prop = sum(r.proposals is not None for r in records)
+    if 0 < n_prop < len(records):
+        missing = [r.id for r in records if r.proposals is None][:3]
+        raise ValueError(f"{path}: {n_prop} of {len(records)} records have proposals; all or none "
+                         f"must (without: {missing})")
     root_attrs = encode_attrs(path, attrs or {})
 
     n = len(records)
+    version = PROPOSALS_SCHEMA_VERSION if n and n_prop == n else SCHEMA_VERSION
     with create_shard_file(path) as f:
-        write_header(f, SCHEMA, SCHEMA_VERSION, root_attrs, ids, [r.shape for r in records])
+        write_header(f, SCHEMA, version, root_attrs, ids, [r.shape for r in records])
         write_placed(f, "masks", "offsets", [pack_mask(r.mask) for r in records], mask_chunk_bytes, compression)
         if n and n_soft == n:
             soft = [r.soft.ravel() for r in records]  # each: uint8 (H*W,)
@@ -205,6 +329,21 @@ def write_mask_shard(path: str | os.PathLike, records: Sequence[MaskRecord],
         f.create_dataset("fg_fraction", data=np.array([r.fg_fraction for r in records], dtype=np.float32))
         f.create_dataset("kept", data=np.array([r.kept for r in records], dtype=bool))
         f.create_dataset("reason", data=np.array([r.reason for r in records], dtype=object), dtype=UTF8)
+        if version == PROPOSALS_SCHEMA_VERSION:
+            _write_proposals(f, records, mask_chunk_bytes, compression)
+
+
+def _write_proposals(f: h5py.File, records: Sequence[MaskRecord], chunk_bytes: int,
+                     compression: str | None) -> None:
+    """The version-2 datasets: every record's proposals, in record order, as a second CSR level."""
+    props = [p for r in records for p in r.proposals]
+    rows = np.zeros(len(records) + 1, dtype=np.int64)
+    np.cumsum([len(r.proposals) for r in records], out=rows[1:])
+    f.create_dataset("proposal_rows", data=rows)
+    write_placed(f, "proposal_masks", "proposal_offsets", [pack_mask(p.mask) for p in props], chunk_bytes,
+                 compression)
+    f.create_dataset("proposal_score", data=np.array([p.score for p in props], dtype=np.float32))
+    f.create_dataset("proposal_area", data=np.array([p.area for p in props], dtype=np.float32))
 
 
 # --------------------------------------------------------------------------- reading
@@ -224,15 +363,44 @@ class MaskShardReader(ShardReader[_Index]):
     """
 
     format = _FORMAT
-    held_datasets = ("masks", "soft")
+    held_datasets = ("masks", "soft", "proposal_masks")
 
     @property
     def has_soft(self) -> bool:
         return self.index.soft_offsets is not None
 
-    def _record(self, i: int, mask: np.ndarray, soft: bool) -> MaskRecord:
+    @property
+    def has_proposals(self) -> bool:
+        """Whether the shard stores proposals (schema version 2); a version-1 shard still reads
+        as one proposal per image (:meth:`read_proposals`)."""
+        return self.index.has_proposals
+
+    def _record(self, i: int, mask: np.ndarray, soft: bool, proposals: bool = False) -> MaskRecord:
         idx = self.index
-        return MaskRecord(idx.ids[i], mask, self._read_soft(i) if soft else None, bool(idx.kept[i]), idx.reason[i])
+        return MaskRecord(idx.ids[i], mask, self._read_soft(i) if soft else None, bool(idx.kept[i]), idx.reason[i],
+                          self._read_proposals(i, mask) if proposals else None)
+
+    def _read_proposals(self, i: int, mask: np.ndarray | None = None) -> list[Proposal]:
+        idx = self.index
+        if not idx.has_proposals:  # version 1: the image's mask is its one proposal
+            if mask is None:
+                mask = self._read_mask(i)
+            return [Proposal(mask, 1.0)] if mask.any() else []
+        h, w = idx.shapes[i]
+        first, last = idx.proposal_rows[i], idx.proposal_rows[i + 1]
+        if first == last:
+            return []
+        size = packed_size(h, w)
+        offsets = idx.proposal_offsets
+        block = self._dataset("proposal_masks")[offsets[first]:offsets[last - 1] + size]
+        return [Proposal(unpack_mask(block[offsets[k] - offsets[first]:offsets[k] - offsets[first] + size], h, w),
+                         float(idx.proposal_score[k]))
+                for k in range(first, last)]
+
+    def read_proposals(self, key: int | str) -> list[Proposal]:
+        """The proposals of row ``key`` or id ``key``, best first: those stored (version 2), or
+        the image's mask as one proposal with score 1.0, none when it is empty (version 1)."""
+        return self._read_proposals(self._row(key))
 
     def _read_soft(self, i: int) -> np.ndarray:
         idx = self.index
@@ -242,17 +410,18 @@ class MaskShardReader(ShardReader[_Index]):
         start = idx.soft_offsets[i]
         return self._dataset("soft")[start:start + h * w].reshape(h, w)
 
-    def get(self, key: int | str, soft: bool = False) -> MaskRecord:
-        """The record at row ``key`` or with id ``key``; ``soft=True`` also reads the soft map."""
+    def get(self, key: int | str, soft: bool = False, proposals: bool = False) -> MaskRecord:
+        """The record at row ``key`` or with id ``key``; ``soft=True`` also reads the soft map,
+        ``proposals=True`` the proposals (as :meth:`read_proposals`)."""
         i = self._row(key)
-        return self._record(i, self._read_mask(i), soft)
+        return self._record(i, self._read_mask(i), soft, proposals)
 
-    def iter(self, soft: bool = False) -> Iterator[MaskRecord]:
+    def iter(self, soft: bool = False, proposals: bool = False) -> Iterator[MaskRecord]:
         """Records in file order, reading blocks of consecutive masks (~1 MiB packed) at a time."""
         if soft and not self.has_soft:
             raise ValueError(f"{self.path} has no soft maps (written without them)")
         for i, mask in self._iter_masks(_ITER_BLOCK_BYTES):
-            yield self._record(i, mask, soft)
+            yield self._record(i, mask, soft, proposals)
 
 
 class MaskStore(ShardStore[MaskShardReader]):
@@ -264,7 +433,7 @@ class MaskStore(ShardStore[MaskShardReader]):
     """
 
     reader_type = MaskShardReader
-    columns = {"fg_fraction": np.float32, "kept": bool, "reason": object}
+    columns = {"fg_fraction": np.float32, "kept": bool, "reason": object, "n_proposals": np.int32}
 
     def ids(self, kept_only: bool = False) -> list[str]:
         """All ids in shard order (only those of kept images with ``kept_only``)."""
@@ -272,10 +441,15 @@ class MaskStore(ShardStore[MaskShardReader]):
             return super().ids()
         return [k for reader in self._readers for k, kp in zip(reader.index.ids, reader.index.kept) if kp]
 
-    def get(self, id: str, soft: bool = False) -> MaskRecord:
+    def get(self, id: str, soft: bool = False, proposals: bool = False) -> MaskRecord:
         """The record of image ``id`` (KeyError if no shard holds it)."""
         reader, row = self._locate(id)
-        return reader.get(row, soft=soft)
+        return reader.get(row, soft=soft, proposals=proposals)
+
+    def read_proposals(self, id: str) -> list[Proposal]:
+        """The proposals of image ``id``, best first (:meth:`MaskShardReader.read_proposals`)."""
+        reader, row = self._locate(id)
+        return reader.read_proposals(row)
 
 
 def summarize_masks(directory: str | os.PathLike) -> dict[str, Any]:
@@ -283,6 +457,9 @@ def summarize_masks(directory: str | os.PathLike) -> dict[str, Any]:
 
     Histogram and mean/median of fg_fraction are over all images (kept and dropped);
     ``bytes_on_disk`` counts the shard files; ``estimator`` holds the first shard's writer attrs.
+    When a shard stores proposals (version 2), ``proposals`` holds their total, how many images
+    have how many, and the histogram of their areas (version-1 shards count as one proposal per
+    non-empty mask, of its fg_fraction).
     """
     store = MaskStore(directory)
     t = store.table()
@@ -293,7 +470,7 @@ def summarize_masks(directory: str | os.PathLike) -> dict[str, Any]:
         attrs = read_shard_attrs(store.shard_paths[0])
         schema_version = attrs["schema_version"]
         estimator = {k: v for k, v in attrs.items() if k not in RESERVED_ATTRS}
-    return {
+    summary = {
         "n_images": int(t["id"].size),
         "n_kept": int(t["kept"].sum()),
         "n_dropped": int((~t["kept"]).sum()),
@@ -305,4 +482,20 @@ def summarize_masks(directory: str | os.PathLike) -> dict[str, Any]:
         "bytes_on_disk": int(sum(p.stat().st_size for p in store.shard_paths)),
         "schema_version": schema_version,
         "estimator": estimator,
+    }
+    if any(reader.has_proposals for reader in store._readers):
+        summary["proposals"] = _proposal_summary(store._readers, t["n_proposals"])
+    return summary
+
+
+def _proposal_summary(readers: Sequence[MaskShardReader], n_proposals: np.ndarray) -> dict[str, Any]:
+    areas = []
+    for reader in readers:
+        idx = reader.index
+        areas.append(idx.proposal_area if idx.has_proposals else idx.fg_fraction[idx.fg_fraction > 0])
+    counts = np.bincount(n_proposals) if n_proposals.size else np.zeros(0, np.int64)
+    return {
+        "n_proposals": int(n_proposals.sum()),
+        "images_by_count": {str(k): int(c) for k, c in enumerate(counts) if c},
+        "area": fraction_summary(np.concatenate(areas) if areas else np.zeros(0)),
     }

@@ -25,6 +25,11 @@ def _mask_stats(directory: Path) -> Iterator[str]:
         for i, c in enumerate(counts):
             lo, hi = i / len(counts), (i + 1) / len(counts)
             yield f"    {lo:.1f}-{hi:.1f} {c:7d} {'#' * int(round(40 * c / peak))}"
+    props = s.get("proposals")
+    if props:
+        by_count = ", ".join(f"{n} with {k}" for k, n in props["images_by_count"].items())
+        area = props["area"]
+        yield f"  proposals {props['n_proposals']} ({by_count}), area mean {area['mean'] or 0:.3f}"
     for key in ("height", "width"):
         if key in s:
             yield f"  {key}: {s[key]['min']}..{s[key]['max']} px"

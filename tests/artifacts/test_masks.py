@@ -16,11 +16,14 @@ from hypothesis import strategies as st
 import artifacts.masks as masks_mod
 from artifacts.atomic import atomic_path
 from artifacts.masks import (
+    PROPOSALS_SCHEMA_VERSION,
     SCHEMA,
+    SCHEMA_VERSION,
     MaskFormatError,
     MaskRecord,
     MaskShardReader,
     MaskStore,
+    Proposal,
     place_in_chunks,
     read_shard_attrs,
     shard_index,
@@ -188,6 +191,190 @@ def test_empty_shard(tmp_path: Path):
     assert read_shard_attrs(tmp_path / "s.h5")["count"] == 0
 
 
+# --------------------------------------------------------------------------- version 2: proposals
+
+
+@st.composite
+def proposal_records(draw) -> list[MaskRecord]:
+    """1-4 records (as :func:`shard_records`) each with 0-3 proposals of random non-empty masks
+    and scores."""
+    out = []
+    for rec in draw(shard_records()):
+        h, w = rec.shape
+        props = []
+        for _ in range(draw(st.integers(0, 3))):
+            rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+            m = rng.random((h, w)) < draw(st.sampled_from([0.02, 0.5, 1.0]))
+            m.flat[draw(st.integers(0, h * w - 1))] = True  # never empty
+            props.append(Proposal(m, draw(st.floats(-1e6, 1e6, allow_nan=False))))
+        out.append(MaskRecord(rec.id, rec.mask, rec.soft, rec.kept, rec.reason, props))
+    return out
+
+
+def assert_same_proposals(got: list[Proposal], want: list[Proposal]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.mask.dtype == np.bool_
+        np.testing.assert_array_equal(g.mask, w.mask)
+        assert g.score == w.score and g.area == w.area
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(records=proposal_records(), compression=st.sampled_from(["lzf", "gzip", None]),
+       chunk=st.sampled_from([7, 64, 4096, masks_mod.MASK_CHUNK_BYTES]))
+def test_version_2_round_trip_is_exact(tmp_path_factory, records, compression, chunk):
+    d = tmp_path_factory.mktemp("rt2")
+    path = d / shard_name(0)
+    write_mask_shard(path, records, compression=compression, mask_chunk_bytes=chunk, soft_chunk_bytes=chunk)
+    assert read_shard_attrs(path)["schema_version"] == PROPOSALS_SCHEMA_VERSION
+    soft = records[0].soft is not None
+    with MaskShardReader(path) as reader:
+        assert reader.has_proposals
+        assert reader.index.n_proposals.tolist() == [len(r.proposals) for r in records]
+        for i, want in enumerate(records):
+            assert_same_proposals(reader.read_proposals(i), want.proposals)
+            got = reader.get(want.id, soft=soft, proposals=True)
+            assert_same(got, want, soft)  # the version-1 part reads as before
+            assert_same_proposals(got.proposals, want.proposals)
+            assert reader.get(i).proposals is None  # read only when asked
+        for got, want in zip(reader.iter(proposals=True), records, strict=True):
+            assert_same(got, want, soft=False)
+            assert_same_proposals(got.proposals, want.proposals)
+    store = MaskStore(d)
+    for want in records:
+        assert_same_proposals(store.read_proposals(want.id), want.proposals)
+    assert store.table()["n_proposals"].tolist() == [len(r.proposals) for r in records]
+
+
+def test_version_1_reads_as_one_proposal_per_non_empty_mask(tmp_path: Path):
+    recs = [MaskRecord("a", blob(6, 5, 0.4)), MaskRecord("empty", blob(3, 3, 0.0), kept=False, reason="fg<0.01")]
+    write_mask_shard(tmp_path / shard_name(0), recs)
+    reader = MaskShardReader(tmp_path / shard_name(0))
+    assert reader.attrs["schema_version"] == SCHEMA_VERSION == 1 and not reader.has_proposals
+    [p] = reader.read_proposals("a")
+    np.testing.assert_array_equal(p.mask, recs[0].mask)
+    assert p.score == 1.0 and p.area == pytest.approx(recs[0].fg_fraction)
+    assert reader.read_proposals("empty") == []
+    assert [len(r.proposals) for r in reader.iter(proposals=True)] == [1, 0]
+    assert reader.index.n_proposals.tolist() == [1, 0]
+    assert MaskStore(tmp_path).table()["n_proposals"].tolist() == [1, 0]
+
+
+def test_records_without_proposals_write_version_1_without_proposal_datasets(tmp_path: Path):
+    rec = MaskRecord("a", blob(6, 5, 0.4))
+    write_mask_shard(tmp_path / "v1.h5", [rec])
+    write_mask_shard(tmp_path / "v2.h5", [MaskRecord("a", rec.mask, proposals=[Proposal(rec.mask, 0.5)])])
+    with h5py.File(tmp_path / "v1.h5", "r") as f1, h5py.File(tmp_path / "v2.h5", "r") as f2:
+        assert f1.attrs["schema_version"] == 1 and f2.attrs["schema_version"] == 2
+        assert not any(name.startswith("proposal") for name in f1)
+        assert set(f2) - set(f1) == {"proposal_rows", "proposal_offsets", "proposal_masks", "proposal_score",
+                                     "proposal_area"}
+        for name in f1:  # the version-1 part is the same
+            np.testing.assert_array_equal(f1[name][()], f2[name][()])
+
+
+def test_version_2_layout_is_readable_with_plain_h5py(tmp_path: Path):
+    """Image i's proposals are rows proposal_rows[i]:[i+1]; each packed like masks at its offset."""
+    a, b = blob(9, 13, 0.3, seed=1), blob(9, 13, 0.2, seed=2)
+    c = blob(4, 4, 0.5, seed=3)
+    recs = [MaskRecord("x", a | b, proposals=[Proposal(a, 0.9), Proposal(b, 0.25)]),
+            MaskRecord("none", blob(5, 5, 0.0), kept=False, reason="fg<0.01", proposals=[]),
+            MaskRecord("y", c, proposals=[Proposal(c, 1.0)])]
+    write_mask_shard(tmp_path / "s.h5", recs, mask_chunk_bytes=16)
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        rows, offsets = f["proposal_rows"][()], f["proposal_offsets"][()]
+        assert rows.tolist() == [0, 2, 2, 3] and offsets.dtype == np.int64 and offsets.shape == (4,)
+        assert offsets[-1] == f["proposal_masks"].shape[0]
+        assert f["proposal_masks"].chunks == (16,) and f["proposal_masks"].compression == "gzip"
+        np.testing.assert_array_equal(f["proposal_score"][()], np.float32([0.9, 0.25, 1.0]))
+        np.testing.assert_allclose(f["proposal_area"][()], [a.mean(), b.mean(), c.mean()], rtol=1e-6)
+        for k, (m, (h, w)) in enumerate([(a, (9, 13)), (b, (9, 13)), (c, (4, 4))]):
+            packed = f["proposal_masks"][offsets[k]:offsets[k] + (h * w + 7) // 8]
+            np.testing.assert_array_equal(np.unpackbits(packed, count=h * w).reshape(h, w), m)
+
+
+def test_mixed_shards_in_one_store_and_their_summary(tmp_path: Path):
+    a, b = blob(4, 5, 0.5, seed=1), blob(4, 5, 0.25, seed=2)
+    write_mask_shard(tmp_path / shard_name(0), [MaskRecord("v1", a), MaskRecord("v1-empty", blob(2, 2, 0.0))])
+    write_mask_shard(tmp_path / shard_name(1), [MaskRecord("v2", a | b, proposals=[Proposal(a, 2.0),
+                                                                                   Proposal(b, 1.0)])])
+    store = MaskStore(tmp_path)
+    assert [len(store.read_proposals(i)) for i in store.ids()] == [1, 0, 2]
+    assert store.get("v2").mask.sum() == (a | b).sum()
+    s = summarize_masks(tmp_path)["proposals"]
+    assert s["n_proposals"] == 3 and s["images_by_count"] == {"0": 1, "1": 1, "2": 1}
+    assert s["area"]["counts"][2] == 1 and s["area"]["counts"][5] == 2  # 0.25; 0.5 twice
+    write_mask_shard(tmp_path / shard_name(1), [MaskRecord("v2", a)])  # no version-2 shard left
+    assert "proposals" not in summarize_masks(tmp_path)
+
+
+def test_proposals_on_some_records_only_are_rejected(tmp_path: Path):
+    m = np.ones((2, 2), bool)
+    recs = [MaskRecord("a", m, proposals=[Proposal(m, 1.0)]), MaskRecord("b", m), MaskRecord("c", m)]
+    with pytest.raises(ValueError, match=r"s.h5: 1 of 3 records have proposals; all or none must "
+                                         r"\(without: \['b', 'c'\]\)"):
+        write_mask_shard(tmp_path / "s.h5", recs)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mask, score, match", [
+    (np.zeros((2, 2), bool), 1.0, r"proposal mask \(2, 2\) has no foreground pixel"),
+    (np.ones((2, 2), np.uint8), 1.0, "proposal mask must be a non-empty bool"),
+    (np.ones((2,), bool), 1.0, "proposal mask must be a non-empty bool"),
+    (np.ones((2, 2), bool), float("nan"), "proposal score must be a finite number, got nan"),
+    (np.ones((2, 2), bool), float("inf"), "proposal score must be a finite number"),
+    (np.ones((2, 2), bool), True, "proposal score must be a finite number, got True"),
+    (np.ones((2, 2), bool), "1", "proposal score must be a finite number, got '1'"),
+])
+def test_proposal_validation(mask, score, match):
+    with pytest.raises(ValueError, match=match):
+        Proposal(mask, score)
+
+
+def test_proposal_area_and_score_precision():
+    m = np.zeros((4, 5), bool)
+    m[0, :3] = True
+    p = Proposal(m, 0.1)
+    assert p.area == 3 / 20 and p.score == float(np.float32(0.1)) and isinstance(p.score, float)
+    assert "area=0.15" in repr(p)
+
+
+@pytest.mark.parametrize("proposals, match", [
+    ([Proposal(np.ones((3, 2), bool), 1.0)], r"proposal 0 of 'x' has shape \(3, 2\), its image's mask \(2, 2\)"),
+    ([np.ones((2, 2), bool)], "proposal 0 of 'x' must be a Proposal, got ndarray"),
+    (np.ones((2, 2), bool), "proposals of 'x' must be a list of Proposal or None, got ndarray"),
+])
+def test_record_proposal_validation(proposals, match):
+    with pytest.raises(ValueError, match=match):
+        MaskRecord("x", np.ones((2, 2), bool), proposals=proposals)
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("proposal_rows", [0, 1, 3], r"proposal_rows do not run from 0 to the 2 proposals"),
+    ("proposal_rows", [1, 1, 2], r"proposal_rows do not run from 0"),
+    ("proposal_offsets", [0, 1, 8], r"proposal_offsets do not match"),
+    ("proposal_area", [0.5], r"index lengths|proposal_score and proposal_area differ"),
+])
+def test_corrupt_version_2_index_is_reported(tmp_path: Path, name, value, match):
+    m = blob(6, 6, 0.5)
+    path = tmp_path / "s.h5"
+    write_mask_shard(path, [MaskRecord("a", m, proposals=[Proposal(m, 1.0)]),
+                            MaskRecord("b", m, proposals=[Proposal(m, 1.0)])], compression=None)
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        f[name] = np.asarray(value, dtype=f"{'float32' if name == 'proposal_area' else 'int64'}")
+    with pytest.raises(MaskFormatError, match=rf"{path}: corrupt mask shard \(({match})"):
+        MaskShardReader(path).read_proposals(0)
+
+
+def test_pickled_reader_reads_proposals(tmp_path: Path):
+    m = blob(5, 5, 0.5)
+    write_mask_shard(tmp_path / shard_name(0), [MaskRecord("a", m, proposals=[Proposal(m, 0.5)])])
+    store = MaskStore(tmp_path)
+    want = store.read_proposals("a")
+    assert_same_proposals(pickle.loads(pickle.dumps(store)).read_proposals("a"), want)
+
+
 # --------------------------------------------------------------------------- placement
 
 
@@ -254,7 +441,7 @@ def test_unknown_schema_version_names_the_file_and_readable_versions(tmp_path: P
     path = tmp_path / shard_name(0)
     write_mask_shard(path, [MaskRecord("a", np.ones((2, 2), bool))])
     _rewrite_attr(path, "schema_version", 99)
-    pattern = rf"{path}: schema_version 99 .* reads versions \[1\]"
+    pattern = rf"{path}: schema_version 99 .* reads versions \[1, 2\]"
     with pytest.raises(MaskFormatError, match=pattern):
         read_shard_attrs(path)
     with pytest.raises(MaskFormatError, match=pattern):

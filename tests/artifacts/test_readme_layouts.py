@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from artifacts.embeddings import EmbeddingRecord, write_embedding_shard
-from artifacts.masks import MaskRecord, write_mask_shard
+from artifacts.masks import MaskRecord, Proposal, write_mask_shard
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 DTYPE_WORDS = {"str": "object", "int32": "int32", "int64": "int64", "uint8": "uint8", "float32": "float32",
@@ -62,12 +62,20 @@ def mask():
     return m
 
 
-def test_mask_shard_table_matches_a_written_shard(tmp_path, mask):
+def test_mask_shard_table_matches_written_shards(tmp_path, mask):
+    """Version 1 writes the rows not marked "version 2"; version 2 writes every row."""
     soft = np.zeros(mask.shape, np.uint8)
+    table = readme_table("### Mask artifact")
+    v1 = {name: cells for name, cells in table.items() if not name.startswith("proposal_")}
     path = tmp_path / "shard-00000.h5"
     write_mask_shard(path, [MaskRecord("a", mask, soft=soft), MaskRecord("b", mask, soft=soft, kept=False,
                                                                           reason="fg<0.01")])
-    check(path, readme_table("### Mask artifact"))
+    check(path, v1)
+    props = [Proposal(mask, 1.0)]
+    write_mask_shard(path, [MaskRecord("a", mask, soft=soft, proposals=props),
+                            MaskRecord("b", mask, soft=soft, kept=False, reason="fg<0.01", proposals=[])])
+    check(path, table)
+    assert len(v1) < len(table)
 
 
 def test_embedding_shard_table_matches_a_written_shard(tmp_path, mask):
