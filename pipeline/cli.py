@@ -559,14 +559,16 @@ def data():
 @click.option("--n-train", default=240, help="training images")
 @click.option("--n-val", default=120, help="validation images")
 @click.option("--size", default=128, help="image side in pixels")
+@click.option("--multi-object", is_flag=True,
+              help="two or three objects of different classes per image, apart, each labelled with its class")
 @pass_state
 @handle_errors
-def make_demo_cmd(state: State, directory, seed, n_train, n_val, size):
+def make_demo_cmd(state: State, directory, seed, n_train, n_val, size, multi_object):
     """Write the embedded demo dataset (folder layout) to DIRECTORY."""
     from stages.data.demo import make_demo
 
     index = make_demo(Path(directory), n_train=n_train, n_val=n_val, size=size, seed=seed,
-                      progress=not state.quiet)
+                      progress=not state.quiet, multi_object=multi_object)
     d = index.describe()
     click.echo(f"demo dataset: {d['num_images']} images, {len(d['classes'])} classes, "
                f"splits {d['splits']} in {directory}")

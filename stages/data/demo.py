@@ -30,6 +30,13 @@ rotation told instances apart better than class did), and its grey tones carry n
 background is calm enough (faint clutter, gentle colour noise) for the weight-free ``priors``
 saliency to find the object: poor training masks halved what the embedding learnt.
 
+The multi-object variant (``make_demo(..., multi_object=True)``, ``maskcontrast data make-demo DIR
+--multi-object``) draws two or three salient objects of different classes per image, smaller
+(18-24 % of the side) and apart (a gap of at least 8 % of the side between their outer circles), so
+the connected components of a saliency mask can tell them apart; each object's pixels carry its
+class. It is the test bed for several proposals per image. Without the option every file is what
+it was before the option existed.
+
 Files are written to a temporary hidden name and renamed, so an interrupted run leaves only whole
 files behind, and rerunning :func:`make_demo` rewrites everything deterministically from the seed
 (same seed and parameters -> byte-identical files, given the same numpy, OpenCV and Pillow).
@@ -64,6 +71,11 @@ _BACKGROUND_SATURATION = (0.35, 0.9)  # saturated backgrounds: the grey object s
 _UPRIGHT = 0.25                  # the object's rotation is within +-this (radians); clutter: any
 _BACKGROUND_VALUE = (0.35, 0.8)  # HSV value of the gradient's colours: both grey tones stand out
 _BACKGROUND_NOISE = 10.0         # std of the low-frequency colour noise (grey levels)
+# The multi-object variant: 2-3 objects a little smaller, apart by a gap the saliency can see.
+_MULTI_COUNT = (2, 4)            # objects per image, [low, high)
+_MULTI_RADIUS = (0.09, 0.12)     # x image side: extent 18-24 % of the side
+_MULTI_GAP = 0.08                # x image side: least gap between the objects' outer circles
+_MULTI_TRIES = 1000              # placements tried before an image takes one object fewer
 
 _ID = r"demo_\d{5,}"
 _TMP = re.compile(r"\..+\.tmp")
@@ -175,11 +187,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return canvas
 
 
-def render_sample(rng: np.random.Generator, cls: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One demo image (``size x size x 3`` uint8) with an object of class ``cls`` (1..5), and its
-    label (``size x size`` uint8: ``cls`` inside the object, 0 elsewhere)."""
-    if not 1 <= cls <= _KINDS:
-        raise ValueError(f"demo class must be in 1..{_KINDS}, got {cls}")
+def _cluttered_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """The background with its faint clutter objects: H x W x 3 float32."""
     canvas = _background(rng, size)
     n = int(rng.integers(*_CLUTTER_COUNT))
     kinds = rng.integers(1, _KINDS + 1, n)
@@ -190,19 +199,73 @@ def render_sample(rng: np.random.Generator, cls: int, size: int) -> tuple[np.nda
     for k in range(n):
         window, u, v, mask = _place(rng, int(kinds[k]), *centres[k], radii[k], size)
         _paint(canvas, window, u, v, mask, int(kinds[k]), radii[k], colours[k], alphas[k], rng)
+    return canvas
 
+
+def _finish(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """Camera-like softness and noise; the image as uint8."""
+    canvas = cv2.GaussianBlur(canvas, (0, 0), 0.6)
+    canvas += np.float32(rng.uniform(2.0, 6.0)) * rng.standard_normal(canvas.shape, dtype=np.float32)
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)             # round half up
+
+
+def _check_class(cls: int) -> None:
+    if not 1 <= cls <= _KINDS:
+        raise ValueError(f"demo class must be in 1..{_KINDS}, got {cls}")
+
+
+def render_sample(rng: np.random.Generator, cls: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One demo image (``size x size x 3`` uint8) with an object of class ``cls`` (1..5), and its
+    label (``size x size`` uint8: ``cls`` inside the object, 0 elsewhere)."""
+    _check_class(cls)
+    canvas = _cluttered_background(rng, size)
     r = size * rng.uniform(*_OBJECT_RADIUS)
     margin = _EXTENT * r + 1
     cx, cy = rng.uniform(margin, size - margin, 2)
     window, u, v, mask = _place(rng, cls, cx, cy, r, size, max_rotation=_UPRIGHT)
     _paint(canvas, window, u, v, mask, cls, r, _object_tones(rng), 1.0, rng)
 
-    canvas = cv2.GaussianBlur(canvas, (0, 0), 0.6)                     # camera-like softness
-    canvas += np.float32(rng.uniform(2.0, 6.0)) * rng.standard_normal(canvas.shape, dtype=np.float32)
-    image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)             # round half up
+    image = _finish(rng, canvas)
     label = np.zeros((size, size), np.uint8)
     label[window][mask] = cls
     return image, label
+
+
+def _place_apart(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Radii (n,) and centres (n x 2) of ``n`` objects inside the image whose outer circles
+    (radius ``_EXTENT`` x r, which holds the shape at any rotation) are ``_MULTI_GAP`` x size apart;
+    fewer objects when ``_MULTI_TRIES`` placements of n all fail."""
+    radii = size * rng.uniform(*_MULTI_RADIUS, n)
+    reach = _EXTENT * radii + 1                                           # (n,)
+    gap = _MULTI_GAP * size
+    for _ in range(_MULTI_TRIES):
+        centres = rng.uniform(reach[:, None], size - reach[:, None], (n, 2))
+        dist = np.linalg.norm(centres[:, None] - centres[None], axis=-1)   # n x n
+        need = reach[:, None] + reach[None] + gap
+        if (dist + np.eye(n) * need >= need).all():
+            return radii, centres
+    if n == 1:  # pragma: no cover - one object always fits (size >= 32)
+        raise ValueError(f"cannot place a demo object in {size} px")
+    return _place_apart(rng, n - 1, size)
+
+
+def render_multi_sample(rng: np.random.Generator, classes: list[int], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One multi-object demo image (``size x size x 3`` uint8) with one object of each of the
+    distinct ``classes`` (1..5, one to three), apart from each other, and its label (``size x size``
+    uint8: each object's class inside it, 0 elsewhere). Should the objects not fit apart, the last
+    classes are left out (not at the sizes make_demo allows)."""
+    for cls in classes:
+        _check_class(cls)
+    if not 1 <= len(classes) <= 3 or len(set(classes)) != len(classes):
+        raise ValueError(f"a multi-object demo image needs one to three distinct classes, got {classes}")
+    canvas = _cluttered_background(rng, size)
+    radii, centres = _place_apart(rng, len(classes), size)
+    label = np.zeros((size, size), np.uint8)
+    for cls, r, (cx, cy) in zip(classes, radii, centres):
+        window, u, v, mask = _place(rng, cls, cx, cy, r, size, max_rotation=_UPRIGHT)
+        _paint(canvas, window, u, v, mask, cls, r, _object_tones(rng), 1.0, rng)
+        label[window][mask] = cls
+    return _finish(rng, canvas), label
 
 
 def _object_tones(rng: np.random.Generator) -> np.ndarray:
@@ -291,13 +354,47 @@ Classes are balanced within each split.
 """
 
 
+def _readme_multi(n_train: int, n_val: int, size: int, seed: int) -> str:
+    rows = "\n".join(f"  {i}  {name}" for i, name in enumerate(DEMO_CLASSES))
+    return f"""MaskContrast multi-object demo dataset (synthetic), written by stages.data.demo.make_demo
+Parameters: n_train={n_train} n_val={n_val} size={size} seed={seed} multi_object=True
+The same parameters always give byte-identical files.
+
+Layout (folder layout of stages.data):
+  images/<id>.jpg    {size}x{size} RGB, JPEG quality 95
+  labels/<id>.png    palette PNG of class indices (0 = background)
+  classes.txt        class names, background first
+  splits/train.txt   {n_train} ids
+  splits/val.txt     {n_val} ids
+
+Classes (index, name = shape_texture):
+{rows}
+
+Each image holds two or three salient, upright objects (extent 18-24 % of the side each) of
+different classes, apart from each other (a gap of at least 8 % of the side), painted in a dark and
+a light grey, on a background of two saturated colours, colour noise and a few smaller, fainter
+objects of the same kinds in random colours. The class is given by the object's SHAPE and TEXTURE
+only. The label is each object's class index inside it and 0 elsewhere; background objects are
+labelled 0. Each image's first object's class is balanced within each split, the others are drawn
+at random.
+"""
+
+
+def _multi_classes(rng: np.random.Generator, first: int) -> list[int]:
+    """``first`` and one or two more distinct classes at random: the classes of one image."""
+    n = int(rng.integers(*_MULTI_COUNT))
+    others = rng.permutation([k for k in range(1, _KINDS + 1) if k != first])
+    return [first, *(int(k) for k in others[: n - 1])]
+
+
 def make_demo(root: str | os.PathLike, n_train: int = 240, n_val: int = 120, size: int = 128,
-              seed: int = 0, progress: bool = False) -> DatasetIndex:
+              seed: int = 0, progress: bool = False, multi_object: bool = False) -> DatasetIndex:
     """Write the demo dataset (folder layout) into ``root`` and return its index.
 
     ``root`` must be missing, empty, or an earlier (possibly interrupted) demo dataset, which is
     rewritten; a folder with other files raises :class:`DataError`. Deterministic in all arguments
-    except ``progress`` (a tqdm bar).
+    except ``progress`` (a tqdm bar). ``multi_object``: two or three objects of different classes
+    per image (module docstring); the first object's class is balanced within each split.
     """
     if n_train < 0 or n_val < 0 or n_train + n_val == 0:
         raise ValueError(f"need n_train >= 0, n_val >= 0 and at least one image, got {n_train}, {n_val}")
@@ -316,7 +413,11 @@ def make_demo(root: str | os.PathLike, n_train: int = 240, n_val: int = 120, siz
     classes = np.concatenate([split_rng.permutation(np.arange(k) % _KINDS) + 1 for k in (n_train, n_val)])
     palette = _voc_palette().tobytes()
     for i in tqdm(range(n), desc="demo images", disable=not progress):
-        image, label = render_sample(np.random.default_rng(streams[i + 1]), int(classes[i]), size)
+        rng = np.random.default_rng(streams[i + 1])
+        if multi_object:
+            image, label = render_multi_sample(rng, _multi_classes(rng, int(classes[i])), size)
+        else:
+            image, label = render_sample(rng, int(classes[i]), size)
         _write_atomic(root / "images" / f"{ids[i]}.jpg",
                       _encode(Image.fromarray(image), format="JPEG", quality=95))
         png = Image.frombytes("P", (size, size), label.tobytes())
@@ -326,5 +427,6 @@ def make_demo(root: str | os.PathLike, n_train: int = 240, n_val: int = 120, siz
     _write_atomic(root / "classes.txt", ("\n".join(DEMO_CLASSES) + "\n").encode())
     _write_atomic(root / "splits" / "train.txt", "".join(f"{i}\n" for i in ids[:n_train]).encode())
     _write_atomic(root / "splits" / "val.txt", "".join(f"{i}\n" for i in ids[n_train:]).encode())
-    _write_atomic(root / "README.txt", _readme(n_train, n_val, size, seed).encode())
+    readme = (_readme_multi if multi_object else _readme)(n_train, n_val, size, seed)
+    _write_atomic(root / "README.txt", readme.encode())
     return DatasetIndex.open(root, layout="folder")

@@ -155,6 +155,18 @@ def test_data_check_reports_bad_file(project):
     assert r.exit_code == 1 and "bad0.jpg" in r.output and "1 unusable file(s)" in r.output
 
 
+def test_make_demo_multi_object(tmp_path):
+    from stages.data import DatasetIndex, load_label
+
+    for flag, n_classes in (((), {1}), (("--multi-object",), {2, 3})):
+        root = tmp_path / ("multi" if flag else "single")
+        r = invoke("-q", "data", "make-demo", str(root), "--n-train", "4", "--n-val", "2", "--size", "48", *flag)
+        assert r.exit_code == 0 and "demo dataset: 6 images, 6 classes" in r.output, r.output
+        index = DatasetIndex.open(root, layout="folder")
+        assert {len(np.unique(load_label(s.label))) - 1 for s in index.samples()} <= n_classes
+    assert "--multi-object" in invoke("data", "make-demo", "--help").output
+
+
 def test_config_prints_resolved(project):
     r = invoke("--set", "masks.threshold=0.3", "config")
     assert "threshold: 0.3" in r.output

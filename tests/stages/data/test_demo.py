@@ -174,3 +174,96 @@ def test_default_size_is_fast(tmp_path: Path) -> None:
     idx = make_demo(tmp_path / "d")
     assert time.process_time() - start < 6.0
     assert len(idx.ids()) == 360
+
+
+# -------------------------------------------------------------------- the default output is pinned
+
+#: sha256 over (relative path, bytes) of every file of make_demo(n_train=3, n_val=2, size=40, seed=7),
+#: taken before the multi-object variant existed (numpy, OpenCV and Pillow as in the lock file, like
+#: the golden digests of tests/pipeline/test_real_chain.py).
+DEFAULT_DIGEST = "50cb4db9ebfc66cfcf21aa51c030dbd995c2075ee88bfc30755c3db1325a28e0"
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_output_is_unchanged(tmp_path: Path) -> None:
+    assert _digest(make_demo(tmp_path / "d", n_train=3, n_val=2, size=40, seed=7).root) == DEFAULT_DIGEST
+    multi = _digest(make_demo(tmp_path / "m", n_train=3, n_val=2, size=40, seed=7, multi_object=True).root)
+    assert multi != DEFAULT_DIGEST
+
+
+# -------------------------------------------------------------------- the multi-object variant
+
+MULTI_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory) -> DatasetIndex:
+    return make_demo(tmp_path_factory.mktemp("multi") / "d", n_train=40, n_val=20, size=MULTI_SIZE, seed=5,
+                     multi_object=True)
+
+
+def test_multi_object_images_hold_two_or_three_objects_of_different_classes(multi: DatasetIndex) -> None:
+    counts = []
+    for s in multi.samples():
+        label = load_label(s.label)
+        classes = np.unique(label)[1:]
+        counts.append(len(classes))
+        for cls in classes:  # one object a class, each one 8-connected piece
+            n, _ = cv2.connectedComponents((label == cls).astype(np.uint8), connectivity=8)
+            assert n == 2, (s.id, cls)
+    assert set(counts) == {2, 3}
+    assert "multi_object=True" in (multi.root / "README.txt").read_text()
+
+
+def test_multi_object_components_tell_the_objects_apart(multi: DatasetIndex) -> None:
+    """Connected components of the union of the objects are the objects, a gap of >= 8 % of the
+    side apart (with a margin for pixel sampling), and none touches the border."""
+    gaps = []
+    for s in multi.samples():
+        label = load_label(s.label)
+        n, comp = cv2.connectedComponents((label > 0).astype(np.uint8), connectivity=8)
+        assert n - 1 == len(np.unique(label)) - 1
+        for k in range(1, n):
+            assert len(np.unique(label[comp == k])) == 1  # one class a component
+        for cls in np.unique(label)[1:]:
+            dist = cv2.distanceTransform((label != cls).astype(np.uint8), cv2.DIST_L2, 5)
+            gaps.append(dist[(label > 0) & (label != cls)].min())
+        assert not (label[0].any() or label[-1].any() or label[:, 0].any() or label[:, -1].any())
+    assert min(gaps) >= 0.08 * MULTI_SIZE - 1
+
+
+def test_multi_object_classes_are_balanced_enough(multi: DatasetIndex) -> None:
+    """The first object's class is balanced within each split, so every class is in at least a
+    fifth of a split's images."""
+    for split, n in (("train", 40), ("val", 20)):
+        seen = np.zeros(6, int)
+        for s in multi.samples(split):
+            seen[np.unique(load_label(s.label))[1:]] += 1
+        assert (seen[1:] >= n // 5).all(), (split, seen)
+        assert seen[1:].sum() >= 2 * n
+
+
+def test_multi_object_same_seed_same_bytes(tmp_path: Path) -> None:
+    a = _hashes(make_demo(tmp_path / "a", n_train=4, n_val=2, size=48, seed=2, multi_object=True).root)
+    b = _hashes(make_demo(tmp_path / "b", n_train=4, n_val=2, size=48, seed=2, multi_object=True).root)
+    assert a == b and len(a) == 6 + 6 + 4
+
+
+def test_render_multi_sample_checks_and_labels(rng: np.random.Generator) -> None:
+    from stages.data.demo import render_multi_sample
+
+    image, label = render_multi_sample(rng, [2, 5, 1], 64)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and set(np.unique(label)) == {0, 1, 2, 5}
+    for bad in ([], [1, 1], [1, 2, 3, 4]):
+        with pytest.raises(ValueError, match="one to three distinct classes"):
+            render_multi_sample(rng, bad, 64)
+    with pytest.raises(ValueError, match=r"demo class must be in 1\.\.5, got 6"):
+        render_multi_sample(rng, [1, 6], 64)
