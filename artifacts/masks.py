@@ -446,6 +446,11 @@ class MaskStore(ShardStore[MaskShardReader]):
         reader, row = self._locate(id)
         return reader.get(row, soft=soft, proposals=proposals)
 
+    @property
+    def has_proposals(self) -> bool:
+        """Whether any shard stores proposals (schema version 2)."""
+        return any(reader.has_proposals for reader in self._readers)
+
     def read_proposals(self, id: str) -> list[Proposal]:
         """The proposals of image ``id``, best first (:meth:`MaskShardReader.read_proposals`)."""
         reader, row = self._locate(id)
@@ -483,7 +488,7 @@ def summarize_masks(directory: str | os.PathLike) -> dict[str, Any]:
         "schema_version": schema_version,
         "estimator": estimator,
     }
-    if any(reader.has_proposals for reader in store._readers):
+    if store.has_proposals:
         summary["proposals"] = _proposal_summary(store._readers, t["n_proposals"])
     return summary
 

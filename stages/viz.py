@@ -43,6 +43,24 @@ def overlay_mask(img: np.ndarray, mask: np.ndarray, color=(255, 40, 40), alpha: 
     return out
 
 
+#: colours of an image's proposals, best first (the first is overlay_mask's default)
+PROPOSAL_COLOURS = ((255, 40, 40), (40, 200, 255), (255, 210, 0), (60, 220, 60), (220, 60, 255), (255, 140, 0))
+LEFT_OUT_COLOUR = (150, 150, 150)
+
+
+def overlay_proposals(img: np.ndarray, masks: Sequence[np.ndarray], left_out: np.ndarray | None = None,
+                      alpha: float = 0.45) -> np.ndarray:
+    """Tint and outline each of an image's proposal ``masks`` in its own colour
+    (:data:`PROPOSAL_COLOURS`, in order, repeating after six), and ``left_out`` pixels (salient
+    but in no proposal) in grey."""
+    out = img
+    if left_out is not None and left_out.any():
+        out = overlay_mask(out, left_out, color=LEFT_OUT_COLOUR, alpha=alpha)
+    for k, mask in enumerate(masks):
+        out = overlay_mask(out, mask, color=PROPOSAL_COLOURS[k % len(PROPOSAL_COLOURS)], alpha=alpha)
+    return out
+
+
 def overlay_labels(img: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend a colourised class map over an image; background (0) and ignore (255) stay clear."""
     col = colorize(label).astype(np.float32)
