@@ -7,38 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from stages.segment import SegmentError, segment_images
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 RED, MAGENTA = (255, 0, 0), (255, 0, 255)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class StubModel(nn.Module):
-    """emb = the normalised image (3-d), saliency logit = its normalised red channel (object
-    pixels ~2.2 > 0.5, the dark background < 0), trunk = the image average-pooled by 4."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Identity()
-
-    def forward(self, x, return_features=False):
-        trunk = F.avg_pool2d(self.backbone(x), 4)
-        emb, sal = x.clone(), x[:, :1].clone()
-        return (emb, sal, trunk) if return_features else (emb, sal)
+@pytest.fixture
+def stub(stub_model):
+    """emb = the normalised image (3-d), saliency logit = its normalised red channel (object pixels
+    ~2.2 > 0.5, the dark background < 0), trunk = the image average-pooled by 4."""
+    return stub_model(image_embedding=True)
 
 
 def _unit(rgb) -> list[float]:
@@ -78,13 +62,13 @@ def _model_file(path: Path, protocol: str = "object") -> Path:
 
 
 @pytest.mark.parametrize("protocol", ["object", "pixel"])
-def test_segment_writes_class_maps_of_the_image_size(tmp_path, protocol):
+def test_segment_writes_class_maps_of_the_image_size(tmp_path, protocol, stub):
     images = _images(tmp_path)
     bad = tmp_path / "in" / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     model_path = _model_file(tmp_path / "kmeans_model.json", protocol)
     out = tmp_path / "out"
-    summary = segment_images(StubModel(), model_path, [p for p, _, _ in images] + [bad], out, device="cpu",
+    summary = segment_images(stub, model_path, [p for p, _, _ in images] + [bad], out, device="cpu",
                              progress=False)
     assert summary["n_written"] == 3 and summary["n_skipped"] == 1 and str(bad) in summary["skipped"]
     assert summary["seed"] == 5 and summary["input_size"] == 32 and summary["protocol"] == protocol
@@ -105,41 +89,41 @@ def test_segment_writes_class_maps_of_the_image_size(tmp_path, protocol):
     assert not (out / "broken.png").exists()
 
 
-def test_segment_seed_choice_and_errors(tmp_path):
+def test_segment_seed_choice_and_errors(tmp_path, stub):
     images = _images(tmp_path)
     model_path = _model_file(tmp_path / "kmeans_model.json")
     # seed 6 swaps the centroid order and the matching: the same classes come out
-    s = segment_images(StubModel(), model_path, [images[1][0]], tmp_path / "o6", seed=6, device="cpu", progress=False)
+    s = segment_images(stub, model_path, [images[1][0]], tmp_path / "o6", seed=6, device="cpu", progress=False)
     with Image.open(tmp_path / "o6" / "img1.png") as im:
         assert set(np.unique(np.array(im))) == {0, 2} and s["seed"] == 6
     with pytest.raises(SegmentError, match=r"no clustering for seed 9; it holds seeds \[5, 6\]"):
-        segment_images(StubModel(), model_path, [images[0][0]], tmp_path / "o", seed=9, device="cpu", progress=False)
+        segment_images(stub, model_path, [images[0][0]], tmp_path / "o", seed=9, device="cpu", progress=False)
     with pytest.raises(SegmentError, match="share the output name 'img0'"):
-        segment_images(StubModel(), model_path, [images[0][0], tmp_path / "img0.jpg"], tmp_path / "o",
+        segment_images(stub, model_path, [images[0][0], tmp_path / "img0.jpg"], tmp_path / "o",
                        device="cpu", progress=False)
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SegmentError, match="not a clustering file"):
-        segment_images(StubModel(), tmp_path / "other.json", [images[0][0]], tmp_path / "o", device="cpu",
+        segment_images(stub, tmp_path / "other.json", [images[0][0]], tmp_path / "o", device="cpu",
                        progress=False)
 
 
-def test_segment_names_clusters_and_writes_a_legend(tmp_path):
+def test_segment_names_clusters_and_writes_a_legend(tmp_path, stub):
     """--names: cluster ids (from 0) renamed; clusters sharing a name are one class; legend.png."""
     images = _images(tmp_path)
     model_path = _model_file(tmp_path / "kmeans_model.json")  # cluster 0 red, cluster 1 magenta
     out = tmp_path / "named"
-    s = segment_images(StubModel(), model_path, [p for p, _, _ in images], out, device="cpu", progress=False,
+    s = segment_images(stub, model_path, [p for p, _, _ in images], out, device="cpu", progress=False,
                        names={0: "warm", 1: "warm"})
     assert set(s["class_pixel_share"]) == {"background", "warm"} and s["legend"] == "legend.png"
     assert (out / "legend.png").stat().st_size > 100
     for path, _, _ in images:
         with Image.open(out / f"{path.stem}.png") as im:
             assert set(np.unique(np.array(im))) == {0, 1}
-    s = segment_images(StubModel(), model_path, [images[1][0]], tmp_path / "one", device="cpu", progress=False,
+    s = segment_images(stub, model_path, [images[1][0]], tmp_path / "one", device="cpu", progress=False,
                        names={1: "pink"})
     assert set(s["class_pixel_share"]) == {"background", "pink"}  # cluster 0 keeps "cluster 0", class 2
     with pytest.raises(SegmentError, match=r"names cluster 4, but there are 2 clusters \(0-1\)"):
-        segment_images(StubModel(), model_path, [images[0][0]], tmp_path / "o", device="cpu", progress=False,
+        segment_images(stub, model_path, [images[0][0]], tmp_path / "o", device="cpu", progress=False,
                        names={4: "sky"})
-    assert "legend" not in segment_images(StubModel(), model_path, [images[0][0]], tmp_path / "plain",
+    assert "legend" not in segment_images(stub, model_path, [images[0][0]], tmp_path / "plain",
                                           device="cpu", progress=False)  # an evaluate report, no names

@@ -18,14 +18,7 @@ from stages.evaluate.linear import (
 )
 from stages.evaluate.metrics import miou
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors: intra-op threads only contend (35x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_conv_commutes_with_bilinear_upsampling():

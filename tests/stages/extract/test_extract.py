@@ -32,42 +32,10 @@ from stages.extract import (
 )
 from stages.train.model import MaskContrastModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: one intra-op thread keeps these tiny forwards fast and steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class StubModel(nn.Module):
-    """MaskContrastModel's interface, tiny, with a saliency logit that is a known function of the
-    image: the normalised red channel, so bright red pixels (> ~153) are salient (> 0.5)."""
-
-    backbone_name, output_stride, embedding_dim = "stub", 4, 3
-
-    def __init__(self) -> None:
-        super().__init__()
-        gen = torch.Generator().manual_seed(0)
-        self.backbone = nn.Conv2d(3, 5, 3, stride=4, padding=1)
-        self.decoder = nn.Sequential(nn.Conv2d(5, 256, 1), nn.ReLU())
-        self.head = nn.Conv2d(256, 3, 1)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        self.images_seen = 0
-
-    def forward(self, x, return_features=False):
-        self.images_seen += x.shape[0]
-        trunk = self.decoder(self.backbone(x))  # B x 256 x h x w
-        emb = F.interpolate(self.head(trunk), size=x.shape[-2:], mode="bilinear", align_corners=False)
-        sal = x[:, :1].clone()
-        return (emb, sal, trunk) if return_features else (emb, sal)
 
 
 def _image(rng: np.random.Generator, h: int, w: int, box=None) -> np.ndarray:
@@ -190,7 +158,7 @@ def test_params_validated():
 # --------------------------------------------------------------------------- the stage
 
 
-def _expected(model: StubModel, sample: Sample, size: int, feature_size: int):
+def _expected(model: nn.Module, sample: Sample, size: int, feature_size: int):
     """Straightforward recomputation of one image: (mask at original size, prototype, features)."""
     img = np.array(Image.open(sample.image).convert("RGB"))
     x = cv2.resize(img, (size, size), interpolation=cv2.INTER_CUBIC)
@@ -205,9 +173,9 @@ def _expected(model: StubModel, sample: Sample, size: int, feature_size: int):
     return mask, proto.numpy(), F.adaptive_avg_pool2d(trunk, feature_size)[0].half().numpy()
 
 
-def test_model_source_matches_recomputation(tmp_path):
+def test_model_source_matches_recomputation(tmp_path, stub_model):
     samples = _dataset(tmp_path, 6)
-    model = StubModel()
+    model = stub_model()
     summary = extract(model, samples, tmp_path / "out", _params(), progress=False)
     store = EmbeddingStore(tmp_path / "out")
     assert store.ids() == [s.id for s in samples]
@@ -229,9 +197,9 @@ def test_model_source_matches_recomputation(tmp_path):
     assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
 
 
-def test_features_optional_and_training_flag_restored(tmp_path):
+def test_features_optional_and_training_flag_restored(tmp_path, stub_model):
     samples = _dataset(tmp_path, 3)
-    model = StubModel().train()
+    model = stub_model().train()
     summary = extract(model, samples, tmp_path / "out", _params(features=False), progress=False)
     assert model.training
     assert not EmbeddingStore(tmp_path / "out").has_features and summary["feature_bytes"] == 0
@@ -252,10 +220,10 @@ def _mask_artifact(directory: Path, samples: list[Sample], rng: np.random.Genera
     return masks
 
 
-def test_mask_source_uses_given_masks(tmp_path):
+def test_mask_source_uses_given_masks(tmp_path, stub_model):
     samples = _dataset(tmp_path, 5)
     masks = _mask_artifact(tmp_path / "masks", samples, np.random.default_rng(3))
-    model = StubModel()
+    model = stub_model()
     params = _params(mask_source="masks", num_workers=2)  # workers: the mask store travels pickled
     summary = extract(model, samples, tmp_path / "out", params, mask_dir=tmp_path / "masks", progress=False)
     store = EmbeddingStore(tmp_path / "out")
@@ -275,10 +243,10 @@ def test_mask_source_uses_given_masks(tmp_path):
     assert store.attrs["extract"]["mask_source"] == "masks"
 
 
-def test_backbone_embedding(tmp_path):
+def test_backbone_embedding(tmp_path, stub_model):
     samples = _dataset(tmp_path, 3)
     masks = _mask_artifact(tmp_path / "masks", samples, np.random.default_rng(4))
-    model = StubModel()
+    model = stub_model()
     extract(model, samples, tmp_path / "out", _params(mask_source="masks", embedding="backbone"),
             mask_dir=tmp_path / "masks", progress=False)
     rec = EmbeddingStore(tmp_path / "out").get(samples[1].id)
@@ -294,35 +262,35 @@ def test_backbone_embedding(tmp_path):
     np.testing.assert_allclose(rec.prototype, (mean / mean.norm()).numpy(), atol=1e-5)
 
 
-def test_missing_mask_is_an_error(tmp_path):
+def test_missing_mask_is_an_error(tmp_path, stub_model):
     samples = _dataset(tmp_path, 3)
     _mask_artifact(tmp_path / "masks", samples, np.random.default_rng(0), skip=("im002",))
     with pytest.raises(ExtractError, match=r"has no mask for 1 of the 3 images \(e\.g\. 'im002'\)"):
-        extract(StubModel(), samples, tmp_path / "out", _params(mask_source="masks"),
+        extract(stub_model(), samples, tmp_path / "out", _params(mask_source="masks"),
                 mask_dir=tmp_path / "masks", progress=False)
     assert not (tmp_path / "out").exists()  # checked before anything is written
     with pytest.raises(ExtractError, match="needs mask_dir"):
-        extract(StubModel(), samples, tmp_path / "out", _params(mask_source="masks"), progress=False)
+        extract(stub_model(), samples, tmp_path / "out", _params(mask_source="masks"), progress=False)
     # An id the masks stage itself skipped (unreadable there) is skipped here, not an error.
     (tmp_path / "masks" / SKIPPED_FILE).write_text(json.dumps({"im002": "cannot decode"}))
-    summary = extract(StubModel(), samples, tmp_path / "out", _params(mask_source="masks"),
+    summary = extract(stub_model(), samples, tmp_path / "out", _params(mask_source="masks"),
                       mask_dir=tmp_path / "masks", progress=False)
     assert summary["n_images"] == 2 and summary["n_skipped"] == 1
     assert "masks stage skipped it (cannot decode)" in summary["skipped_examples"]["im002"]
 
 
-def test_mask_of_another_size_is_an_error(tmp_path):
+def test_mask_of_another_size_is_an_error(tmp_path, stub_model):
     samples = _dataset(tmp_path, 2)
     write_mask_shard(tmp_path / "masks" / "shard-00000.h5",
                      [MaskRecord(s.id, np.ones((7, 7), bool)) for s in samples])
     with pytest.raises(ExtractError, match="is 7x7 but image .* made from other images"):
-        extract(StubModel(), samples, tmp_path / "out", _params(mask_source="masks"),
+        extract(stub_model(), samples, tmp_path / "out", _params(mask_source="masks"),
                 mask_dir=tmp_path / "masks", progress=False)
 
 
-def test_bad_image_skipped_and_reported(tmp_path):
+def test_bad_image_skipped_and_reported(tmp_path, stub_model):
     samples = _dataset(tmp_path, 6, bad=(1, 4))
-    summary = extract(StubModel(), samples, tmp_path / "out", _params(), progress=False)
+    summary = extract(stub_model(), samples, tmp_path / "out", _params(), progress=False)
     store = EmbeddingStore(tmp_path / "out")
     assert store.ids() == ["im000", "im002", "im003", "im005"]
     assert summary["n_images"] == 4 and summary["n_skipped"] == 2
@@ -331,9 +299,9 @@ def test_bad_image_skipped_and_reported(tmp_path):
     assert skipped["im001"].endswith("im001.png: not an image file (or a format Pillow cannot read)")
 
 
-def test_all_bad_block_gives_empty_shard(tmp_path):
+def test_all_bad_block_gives_empty_shard(tmp_path, stub_model):
     samples = _dataset(tmp_path, 6, bad=(4, 5))  # shard 1 = im004, im005: nothing readable
-    model = StubModel()
+    model = stub_model()
     extract(model, samples, tmp_path / "out", _params(), progress=False)
     assert (tmp_path / "out" / shard_name(1)).exists()
     seen = model.images_seen
@@ -345,9 +313,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_recomputes_no_shard_and_matches_uninterrupted(tmp_path):
+def test_resume_recomputes_no_shard_and_matches_uninterrupted(tmp_path, stub_model):
     samples = _dataset(tmp_path, 10, bad=(5,))  # shards of 4: [0-3], [4-7], [8-9]
-    full = StubModel()
+    full = stub_model()
     extract(full, samples, tmp_path / "full", _params(), progress=False)
 
     def stop_after_first(done: int, total: int) -> None:
@@ -355,11 +323,11 @@ def test_resume_recomputes_no_shard_and_matches_uninterrupted(tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        extract(StubModel(), samples, tmp_path / "part", _params(), progress=False, on_shard=stop_after_first)
+        extract(stub_model(), samples, tmp_path / "part", _params(), progress=False, on_shard=stop_after_first)
     out = tmp_path / "part"
     assert sorted(p.name for p in out.iterdir()) == [shard_name(0)]  # no partial shard, no temp file
     before = (out / shard_name(0)).stat()
-    resumed = StubModel()
+    resumed = stub_model()
     calls = []
     summary = extract(resumed, samples, out, _params(), progress=False, on_shard=lambda d, t: calls.append((d, t)))
     assert resumed.images_seen == 5  # shards 1 and 2 only, minus the unreadable im005
@@ -370,22 +338,22 @@ def test_resume_recomputes_no_shard_and_matches_uninterrupted(tmp_path):
     _assert_same_dump(_dump(tmp_path / "full"), _dump(out))
     assert json.loads((out / SKIPPED_FILE).read_text()).keys() == {"im005"}
     # A third run finds everything done.
-    again = StubModel()
+    again = stub_model()
     assert extract(again, samples, out, _params(), progress=False)["n_computed"] == 0 and again.images_seen == 0
 
 
-def test_existing_shards_with_other_params_rejected(tmp_path):
+def test_existing_shards_with_other_params_rejected(tmp_path, stub_model):
     samples = _dataset(tmp_path, 5)
-    extract(StubModel(), samples, tmp_path / "out", _params(), progress=False)
+    extract(stub_model(), samples, tmp_path / "out", _params(), progress=False)
     with pytest.raises(ExtractError, match="was written with extract parameters"):
-        extract(StubModel(), samples, tmp_path / "out", _params(input_size=64), progress=False)
+        extract(stub_model(), samples, tmp_path / "out", _params(input_size=64), progress=False)
 
 
-def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
+def test_memory_does_not_grow_with_the_number_of_images(tmp_path, stub_model):
     n = 6
     samples = _dataset(tmp_path, 4 * n)
     params = _params(feature_size=16, shard_size=3, batch_size=3)  # features: 128 KiB per image
-    model = StubModel()
+    model = stub_model()
     extract(model, samples[:n], tmp_path / "warm", params, progress=False)  # lazy initialisations
 
     def peak(count: int, name: str) -> int:
@@ -413,10 +381,10 @@ def test_real_model_head_and_backbone(tmp_path):
 
 
 @pytest.mark.gpu
-def test_cuda_autocast_close_to_cpu(tmp_path):
+def test_cuda_autocast_close_to_cpu(tmp_path, stub_model):
     samples = _dataset(tmp_path, 5)
-    extract(StubModel(), samples, tmp_path / "cpu", _params(), progress=False)
-    extract(StubModel(), samples, tmp_path / "gpu", _params(device="cuda"), progress=False)
+    extract(stub_model(), samples, tmp_path / "cpu", _params(), progress=False)
+    extract(stub_model(), samples, tmp_path / "gpu", _params(device="cuda"), progress=False)
     _, a, va = EmbeddingStore(tmp_path / "cpu").prototypes()
     _, b, vb = EmbeddingStore(tmp_path / "gpu").prototypes()
     assert (va == vb).all()

@@ -31,6 +31,8 @@ from stages.masks.bootstrap import (
 from stages.masks.priors import PriorParams
 from stages.train.model import build_backbone
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PRIORS = PriorParams(size=48, n_segments=40)
 TINY = BootstrapParams(rounds=1, epochs_per_round=1, input_size=32, batch_size=4, decoder_channels=8,
                        device="cpu")
@@ -44,15 +46,6 @@ def _disk_image(rng: np.random.Generator, h: int = 40, w: int = 56) -> np.ndarra
     ys, xs = np.mgrid[0:h, 0:w]
     img[(ys - cy) ** 2 + (xs - cx) ** 2 < r * r] = rng.integers(200, 256, 3).astype(np.uint8)
     return img
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: on a shared 2-core machine OpenMP's thread hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,11 @@ from stages.train.loop import Encoders, key_prototypes, model_config, poly_lr
 from stages.train.data import ViewAugment, normalize_images
 from stages.train.loss import mask_prototypes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = TrainParams(backbone="resnet18", epochs=2, batch_size=4, queue_size=8, crop_size=32, embedding_dim=8,
                    lr=0.05, num_workers=0, keep_last=1, device="cpu", seed=3)
 TIMING = ("images_per_s", "data_wait_share", "seconds")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run faster on one thread, and a busy machine is not oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
