@@ -44,11 +44,11 @@ def child(backbone: str, loss: str, layout: str, args: argparse.Namespace) -> di
     import torch
 
     sys.path.insert(0, str(REPO))
+    from stages.network.model import AtrousConv2d
     from stages.train import loop
     from stages.train.checkpoint import build_model
     from stages.train.loop import TrainParams, build_encoders, model_config, train_step
     from stages.train.loss import contrastive_loss, contrastive_loss_naive
-    from stages.train.model import AtrousConv2d
 
     if layout == "plain":
         AtrousConv2d.forward = torch.nn.Conv2d.forward  # every tap, padding included

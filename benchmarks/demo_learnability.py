@@ -29,10 +29,11 @@ from stages.data.index import DatasetIndex
 from stages.data.io import read_sample
 from stages.evaluate.kmeans import kmeans
 from stages.extract.extract import backbone_prototypes
-from stages.train.data import TwoViewDataset, ViewAugment, normalize_images
+from stages.common.prototypes import mask_prototypes
+from stages.network.model import MaskContrastModel
+from stages.network.runtime import normalize_images
+from stages.train.data import TwoViewDataset, ViewAugment
 from stages.train.loop import TrainParams, build_encoders, train_step
-from stages.train.loss import mask_prototypes
-from stages.train.model import MaskContrastModel
 
 
 def _load(samples) -> tuple[torch.Tensor, np.ndarray]:

@@ -16,7 +16,7 @@ from artifacts.store import ArtifactWriter
 from pipeline.config import AugmentConfig, Config
 from pipeline.configtypes import ConfigError, to_plain
 from pipeline.graph import Context, Planned, StageDef, register
-from stages.compute import resolved_compute
+from stages.network.compute import resolved_compute
 from stages.versions import ALGORITHM_VERSIONS
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ Keys are grouped by config section (dotted); the stage parameter objects use the
 as their config section. Only worker counts, the device setting, inference batch sizes, how many
 checkpoints to keep and where the scheduler is belong here. The device setting is bookkeeping
 because what it changes in results, the device type and the precision, enters the train and
-extract versions resolved (``stages.compute``): ``auto`` and ``cpu`` on a machine without CUDA, or
-``cuda:0`` and ``cuda:1``, name one artifact.
+extract versions resolved (``stages.network.compute``): ``auto`` and ``cpu`` on a machine without
+CUDA, or ``cuda:0`` and ``cuda:1``, name one artifact.
 
 The ``clusters`` section has no entry: every one of its keys changes the partition or the pictures
 (the stage runs in-process on the CPU, with no worker count or device to set);

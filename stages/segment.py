@@ -38,8 +38,7 @@ from stages.data import BadInputError, load_image
 from stages.evaluate.kmeans import PCAWhitening, apply_kmeans
 from stages.extract import backbone_prototypes, head_prototypes, resize_features
 from stages.extract.extract import INTERPOLATIONS, SALIENCY_THRESHOLD
-from stages.train.data import normalize_images
-from stages.train.loop import resolve_amp, resolve_device
+from stages.network.runtime import normalize_images, resolve_amp, resolve_device
 from stages.viz import overlay_labels, save_label_png, save_png
 
 __all__ = ["UNMATCHED", "Clustering", "SegmentError", "load_clustering", "segment_images"]

@@ -646,17 +646,14 @@ def run_linear(train_store: StoreLike, val_store: StoreLike, dataset: DatasetInd
     train_ids, val_ids = list(train_ids), list(val_ids)
     _require_labels(dataset, train_ids, train_split, "linear")
     _require_labels(dataset, val_ids, val_split, "linear")
-    import torch  # here, after the checks: importing torch takes seconds
-
+    # here, after the checks: importing torch takes seconds
     from stages.evaluate.linear import linear_confusion, predict_linear, train_linear_probe
+    from stages.network.runtime import resolve_device
 
     try:
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           "cpu" if device == "auto" else device)
-    except RuntimeError:
-        raise ProtocolError(f"linear: device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProtocolError(f"linear: device {device!r} requested but CUDA is not available")
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise ProtocolError(f"linear: {e}") from None
     skipped: dict[str, str] = {}
 
     def usable(store: EmbeddingStore, ids: list[str], split: str) -> tuple[list[str], dict[str, tuple[int, int]]]:

@@ -102,11 +102,10 @@ from artifacts.embeddings import (
 )
 from artifacts.masks import MaskStore
 from stages.bookkeeping import BOOKKEEPING
+from stages.common.prototypes import mask_prototypes
 from stages.common.resize import nearest_indices
 from stages.data import BadInputError, Sample, load_image
-from stages.train.data import normalize_images
-from stages.train.loop import resolve_amp, resolve_device
-from stages.train.loss import mask_prototypes
+from stages.network.runtime import normalize_images, resolve_amp, resolve_device
 
 __all__ = [
     "EMBEDDINGS",

@@ -50,8 +50,9 @@ from artifacts.atomic import atomic_path, atomic_write_json, sha256_file
 from stages.common.weights import resolve_init
 from stages.data import BadInputError, Sample, load_image
 from stages.masks.priors import PriorParams, priors_saliency
-from stages.train.init import load_init
-from stages.train.model import BACKBONES, FREEZE_POINTS, build_backbone, frozen_modules
+from stages.network.init import load_init
+from stages.network.backbones import BACKBONES, FREEZE_POINTS, build_backbone, frozen_modules
+from stages.network.runtime import IMAGENET_MEAN, IMAGENET_STD, resolve_device
 
 __all__ = [
     "BootstrapParams",
@@ -68,8 +69,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "maskcontrast/bootstrap"
 CHECKPOINT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PROB_SCALE = 65535.0  # predictions held as uint16 during a fit
 FIT_FILE = "fit.json"
 SKIPPED_FILE = "skipped.json"
@@ -92,7 +91,7 @@ class BootstrapError(ValueError):
 class BootstrapParams:
     """Parameters of ``fit_bootstrap``.
 
-    backbone: encoder, one of ``stages.train.model.BACKBONES`` (output stride 32, skips at 4-16).
+    backbone: encoder, one of ``stages.network.backbones.BACKBONES`` (output stride 32, skips at 4-16).
     init: "random", or a checkpoint for the encoder (torchvision ImageNet or MoCo, see ``load_init``).
     rounds, epochs_per_round: training rounds, each followed by a pseudo-label refinement.
     input_size: images and pseudo-labels are resized (aspect not kept) to input_size x input_size.
@@ -108,7 +107,7 @@ class BootstrapParams:
     crop_scale: smallest area fraction of the random crops (crop-resize augmentation).
     decoder_channels: width of the FPN-lite decoder.
     freeze: with a pretrained ``init``, the backbone stage up to which the encoder is frozen (no
-        gradients, BatchNorm in eval mode), one of ``stages.train.model.FREEZE_POINTS`` ("layer4":
+        gradients, BatchNorm in eval mode), one of ``stages.network.backbones.FREEZE_POINTS`` ("layer4":
         all of it), or "none". Ignored with a random init: there is nothing learnt to keep.
     seed: seeds the network initialisation, the batch order and the augmentations.
     num_workers: processes that compute the prior maps (0: in this process).
@@ -406,12 +405,6 @@ def _prepare_data(
 # training
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _crop_boxes(n: int, size: int, scale: float, gen: torch.Generator) -> torch.Tensor:
     """n random crop boxes (x1, y1, x2, y2) in pixels: area fraction in [scale, 1], aspect 3/4-4/3."""
     area = scale + (1.0 - scale) * torch.rand(n, generator=gen, dtype=torch.float64)
@@ -559,7 +552,7 @@ def fit_bootstrap(
     work_dir.mkdir(parents=True, exist_ok=True)
     config = _config(params, prior_params)
     _check_fit_file(work_dir, config)
-    device = _device(params.device)
+    device = resolve_device(params.device)
 
     final = round_checkpoint(work_dir, params.rounds)
     if final.exists():
@@ -657,7 +650,7 @@ class BootstrapEstimator:
                 raise BootstrapError(f"{self.checkpoint}: not a bootstrap checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
             net = SaliencyNet(ckpt["backbone"], ckpt["decoder_channels"])
             net.load_state_dict(ckpt["state_dict"])
-            self._net = net.to(_device(self.device), memory_format=torch.channels_last).eval()
+            self._net = net.to(resolve_device(self.device), memory_format=torch.channels_last).eval()
             self._ckpt = ckpt
         return self._net
 

@@ -243,8 +243,8 @@ class FeatureGrid:
     def __init__(self, backbone: str, weights: str | Path | None, init_kind: str = "auto") -> None:
         import torch
 
-        from stages.train.init import load_init
-        from stages.train.model import build_backbone
+        from stages.network.init import load_init
+        from stages.network.backbones import build_backbone
 
         self.name = backbone
         with torch.random.fork_rng(devices=[]):  # without weights: the same network in every process

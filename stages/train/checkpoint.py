@@ -26,8 +26,8 @@ import torch
 
 from artifacts.atomic import atomic_path
 from artifacts.checkpoints import MODEL_FILE
-
-from .model import BACKBONES, MaskContrastModel, freeze_early
+from stages.network.backbones import BACKBONES
+from stages.network.model import MaskContrastModel, freeze_early
 
 CHECKPOINT_FORMAT = "maskcontrast/train-checkpoint"
 MODEL_FORMAT = "maskcontrast/train-model"

@@ -4,7 +4,8 @@ Augmentation per view follows the reference (in its order): RandomResizedCrop (s
 ratio 3/4-4/3; bilinear for the image, nearest for the mask), ColorJitter(0.4, 0.4, 0.4, 0.1)
 with p 0.8 (the four adjustments in random order), RandomGrayscale p 0.2, a joint horizontal
 flip. No blur. ImageNet mean/std normalisation is left to the training loop
-(:func:`normalize_images`), so the loader ships uint8 (a quarter of the bytes) to the device.
+(:func:`stages.network.runtime.normalize_images`), so the loader ships uint8 (a quarter of the
+bytes) to the device.
 
 Randomness is a pure function of ``(seed, epoch, index, attempt)``: every draw comes from a numpy
 Generator seeded with those numbers, never from a global RNG. A batch is therefore the same
@@ -32,8 +33,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from artifacts.masks import MaskStore
 from stages.data import BadInputError, Sample, load_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STAT_NAMES = ("redraws", "replaced", "bad_images")  # order of the per-item stats vector
 MAX_CANDIDATES = 16  # images tried for one index before giving up
 
@@ -222,18 +221,6 @@ class TwoViewDataset(Dataset):
 def _chw(image: np.ndarray) -> torch.Tensor:
     """H x W x 3 uint8 array -> 3 x H x W uint8 tensor (contiguous)."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 B x 3 x H x W -> float32, scaled to [0, 1] and normalised with ImageNet mean/std.
-
-    The result is in channels-last memory order, as the networks are (``to_channels_last``):
-    oneDNN's CPU convolutions run 1.4-3x faster on it (dilated depthwise ones most), and CUDA
-    autocast convolutions use tensor cores without layout conversions.
-    """
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return ((images.float() / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

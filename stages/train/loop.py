@@ -60,8 +60,12 @@ from artifacts.checkpoints import (
 )
 from artifacts.masks import MaskStore
 from stages.bookkeeping import BOOKKEEPING
+from stages.common.prototypes import mask_prototypes
 from stages.common.weights import resolve_init
 from stages.data import Sample
+from stages.network.init import load_init
+from stages.network.model import DEFAULT_ASPP_RATES, MaskContrastModel
+from stages.network.runtime import amp_name, normalize_images, resolve_amp, resolve_device
 
 from . import distributed as D
 from .checkpoint import (
@@ -82,11 +86,8 @@ from .data import (
     ViewAugment,
     derive_seed,
     make_loader,
-    normalize_images,
 )
-from .init import load_init
-from .loss import PrototypeQueue, balanced_bce, contrastive_loss, mask_prototypes
-from .model import DEFAULT_ASPP_RATES, MaskContrastModel
+from .loss import PrototypeQueue, balanced_bce, contrastive_loss
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 REFERENCE_DROPOUT = 0.5
@@ -222,39 +223,6 @@ def model_config(params: TrainParams) -> dict[str, Any]:
         "dropout": REFERENCE_DROPOUT,
         "freeze_upto": FREEZE_UPTO if params.freeze_early else None,
     }
-
-
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` if CUDA is available, else ``cpu``; else ``spec`` checked."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    elif device.type != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
-    return device
-
-
-def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: full precision). Off on the CPU whatever ``spec`` says."""
-    if spec == "off" or device.type != "cuda":
-        if spec in ("bf16", "fp16") and device.type != "cuda":
-            warnings.warn(f"amp={spec!r} ignored on {device}: mixed precision is used on CUDA only")
-        return None
-    if spec == "fp16" or (spec == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def _amp_name(dtype: torch.dtype | None) -> str:
-    return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def samples_fingerprint(samples: Sequence[Sample]) -> str:
@@ -527,7 +495,7 @@ class Trainer:
         model, init_report = self._build()
         self.init_report = init_report
         config = model_config(p)
-        common = {"device": str(device), "amp": _amp_name(amp_dtype), "init": init_report,
+        common = {"device": str(device), "amp": amp_name(amp_dtype), "init": init_report,
                   "seeds": {"seed": p.seed, "model_init": p.seed,
                             "dropout": [derive_seed(p.seed, _TORCH_STREAM, r) for r in range(info.world_size)]},
                   "world_size": info.world_size}

@@ -1,5 +1,6 @@
-"""MaskContrast losses: mask prototypes, the prototype queue, the pixel-to-prototype contrastive
-loss (a straightforward reference version and a chunked, memory-bounded one) and balanced BCE.
+"""MaskContrast losses: the prototype queue, the pixel-to-prototype contrastive loss (a
+straightforward reference version and a chunked, memory-bounded one) and balanced BCE. The key
+prototypes come from :func:`stages.common.prototypes.mask_prototypes`.
 
 Conventions: ``q_emb`` is the query network's raw embedding (B x D x H x W, normalised here per
 pixel); ``masks`` are B x H x W (bool, or float where > 0.5 is foreground for anchors);
@@ -45,33 +46,6 @@ def _anchor_mask(masks_q: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
     if valid is not None:
         fg = fg & valid.to(device=fg.device, dtype=torch.bool).view(-1, 1, 1)
     return fg
-
-
-def mask_prototypes(
-    key_emb: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image prototype: L2-normalise(sum of key embeddings over the mask).
-
-    Args:
-        key_emb: B x D x H x W, already L2-normalised per pixel.
-        masks: B x H x W, bool or float (float values weight the sum, as the reference's bmm).
-        eps: a summed vector with norm <= eps has no direction and is marked invalid.
-    Returns:
-        prototypes B x D (float32 or wider; zero rows where invalid) and valid B (bool).
-    """
-    if key_emb.dim() != 4:
-        raise ValueError(f"key_emb must be B x D x H x W, got shape {tuple(key_emb.shape)}")
-    b, d, h, w = key_emb.shape
-    if tuple(masks.shape) != (b, h, w):
-        raise ValueError(f"masks must be {(b, h, w)} to match key_emb, got {tuple(masks.shape)}")
-    dtype = torch.promote_types(key_emb.dtype, torch.float32)
-    summed = torch.bmm(
-        key_emb.reshape(b, d, h * w).to(dtype), masks.reshape(b, h * w, 1).to(dtype)
-    ).squeeze(2)  # B x D
-    norm = summed.norm(dim=1, keepdim=True)  # B x 1
-    valid = norm.squeeze(1) > eps
-    prototypes = torch.where(valid[:, None], summed / norm.clamp_min(eps), torch.zeros_like(summed))
-    return prototypes, valid
 
 
 class PrototypeQueue(nn.Module):
@@ -249,7 +223,7 @@ def contrastive_loss(
     Args:
         q_emb: B x D x H x W raw query embedding.
         masks_q: B x H x W query masks; anchors are their foreground pixels.
-        prototypes: B x D key prototypes (``mask_prototypes``), the positives.
+        prototypes: B x D key prototypes (``stages.common.prototypes.mask_prototypes``), the positives.
         queue: K x D earlier prototypes (``PrototypeQueue.negatives()``), K may be 0.
         temperature: tau, logits are cosine / tau.
         valid: B bool from ``mask_prototypes``; anchors of invalid images are dropped.

@@ -30,7 +30,7 @@ from stages.extract import (
     resize_features,
     resize_mask,
 )
-from stages.train.model import MaskContrastModel
+from stages.network.model import MaskContrastModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -29,7 +29,7 @@ from stages.masks.bootstrap import (
     to_u8,
 )
 from stages.masks.priors import PriorParams
-from stages.train.model import build_backbone
+from stages.network.backbones import build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

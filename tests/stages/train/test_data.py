@@ -12,8 +12,6 @@ from PIL import Image
 from artifacts.masks import MaskRecord, MaskStore, write_mask_shard
 from stages.data import Sample
 from stages.train.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     EpochBatchSampler,
     TrainDataError,
     TwoViewDataset,
@@ -21,7 +19,6 @@ from stages.train.data import (
     augment_view,
     epoch_order,
     make_loader,
-    normalize_images,
     random_resized_crop_params,
 )
 
@@ -109,14 +106,6 @@ def test_colour_jitter_and_grayscale_change_colours_only() -> None:
     assert np.abs(jittered.astype(int) - pixels).mean() > 1.0
     gray, _ = augment_view(image, mask_im, np.random.default_rng(1), ViewAugment(**whole, jitter_p=0, gray_p=1))
     assert (gray[:, :, 0] == gray[:, :, 1]).all() and (gray[:, :, 1] == gray[:, :, 2]).all()
-
-
-def test_normalize_images_uses_imagenet_mean_and_std() -> None:
-    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 1, 1)
-    out = normalize_images(images)
-    for c in range(3):
-        assert out[0, c, 0, 0].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c], rel=1e-6)
-        assert out[1, c, 0, 0].item() == pytest.approx((1 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- the dataset

@@ -17,13 +17,14 @@ from torch import nn
 
 from artifacts.checkpoints import LOG_FILE, MODEL_FILE, read_jsonl
 from artifacts.masks import MaskRecord, write_mask_shard
+from stages.common.prototypes import mask_prototypes
 from stages.data import Sample
+from stages.network.runtime import normalize_images
 from stages.train import CheckpointError, TrainDataError, TrainingDiverged, TrainParams, load_model, train
 from stages.train import loop
 from stages.train.checkpoint import build_model
 from stages.train.loop import Encoders, key_prototypes, model_config, poly_lr
-from stages.train.data import ViewAugment, normalize_images
-from stages.train.loss import mask_prototypes
+from stages.train.data import ViewAugment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,7 +22,7 @@ def device_type(spec: str) -> str:
 
 
 def precision(amp: str, device: str) -> str:
-    """``float32``, ``bf16`` or ``fp16``: what ``stages.train.loop.resolve_amp`` will choose."""
+    """``float32``, ``bf16`` or ``fp16``: what ``stages.network.runtime.resolve_amp`` will choose."""
     if device != "cuda" or amp == "off":
         return "float32"
     if amp in ("bf16", "fp16"):

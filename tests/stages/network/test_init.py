@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from stages.train.init import InitError, load_init
-from stages.train.model import build_backbone
+from stages.network.init import InitError, load_init
+from stages.network.backbones import build_backbone
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""MaskContrast network: shapes, output stride, torchvision names, freezing."""
+"""Backbones and the MaskContrast network: shapes, output stride, torchvision names, freezing."""
 from __future__ import annotations
 
 import pytest
@@ -6,15 +6,8 @@ import torch
 import torchvision
 from torch import nn
 
-from stages.train.model import (
-    BACKBONES,
-    AtrousConv2d,
-    MaskContrastModel,
-    build_backbone,
-    dilate_resnet_layer,
-    freeze_early,
-    frozen_modules,
-)
+from stages.network.backbones import BACKBONES, build_backbone, dilate_resnet_layer, frozen_modules
+from stages.network.model import AtrousConv2d, MaskContrastModel, freeze_early
 
 
 @pytest.fixture
