@@ -2,10 +2,10 @@
 
 Small on purpose: it knows the handful of types the configuration uses (bool, int, float, str,
 Path, Literal, Optional, list/tuple, nested dataclasses) and reports every problem with the
-dotted key and the file it came from. Field-level checks live in ``metadata={"check": fn}``:
-``fn(value)`` returns an error string or None. Which keys stay out of artifact versions
-(bookkeeping: worker counts, devices, the scheduler address) is declared once, in
-``stages.bookkeeping``, not here.
+dotted key and the file it came from. Fields are declared with ``stages.params.opt`` (the stage
+parameter classes are sections of the config): ``check(value)`` returns an error string or None.
+Which keys stay out of artifact versions (bookkeeping: worker counts, devices, the scheduler
+address) is declared once, in ``stages.bookkeeping``, not here.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, Union, get_args, get_origin
 
+from stages.params import ParamError, in_range, non_empty, opt, to_plain  # noqa: F401  (the config's toolkit)
 
-class ConfigError(ValueError):
+
+class ConfigError(ParamError):
     """Bad configuration. ``str()`` names the dotted key first, then the file (and ``--set``
     options) it came from: ``train.epochs: must be >= 0 (in pipeline.yaml with --set ...)``."""
 
@@ -26,35 +28,7 @@ class ConfigError(ValueError):
             text = f"{key}: {message}" + (f" (in {source})" if source else "")
         else:
             text = f"{source}: {message}" if source else message
-        super().__init__(text)
-
-
-def opt(default: Any = dataclasses.MISSING, *, doc: str = "", check: Callable[[Any], str | None] | None = None,
-        default_factory: Any = dataclasses.MISSING) -> Any:
-    meta = {"doc": doc, "check": check}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-# -- reusable checks ------------------------------------------------------------------------------
-def in_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
-    def check(v):
-        if v is None:
-            return None
-        vals = v if isinstance(v, (list, tuple)) else [v]
-        for x in vals:
-            if lo is not None and (x < lo or (lo_open and x == lo)):
-                return f"must be {'>' if lo_open else '>='} {lo}, got {x}"
-            if hi is not None and (x > hi or (hi_open and x == hi)):
-                return f"must be {'<' if hi_open else '<='} {hi}, got {x}"
-        return None
-
-    return check
-
-
-def non_empty(v):
-    return "must not be empty" if v is not None and len(v) == 0 else None
+        ValueError.__init__(self, text)
 
 
 # -- conversion -----------------------------------------------------------------------------------
@@ -159,28 +133,11 @@ def build(cls: type, data: Any, prefix: str, source: str | None, base_dir: Path 
                 raise ConfigError(err, key, source)
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(exc.detail, f"{prefix}.{exc.key}" if prefix and exc.key else exc.key or prefix, source)
+    except ParamError as exc:  # a check of the class itself (ConfigError included), naming its key
+        raise ConfigError(exc.detail, f"{prefix}.{exc.key}" if prefix and exc.key else exc.key or prefix,
+                          source) from None
     except ValueError as exc:
         raise ConfigError(str(exc), prefix or None, source) from exc
-
-
-def to_plain(obj: Any, *, drop: Callable[[str, str], bool] | None = None, section: str = "") -> Any:
-    """Dataclass tree to JSON-able data (paths as strings, tuples as lists). ``drop(section, name)``
-    leaves out the fields it returns True for; ``section`` is the dotted path of ``obj``."""
-    if dataclasses.is_dataclass(obj):
-        out = {}
-        for f in dataclasses.fields(obj):
-            if drop is not None and drop(section, f.name):
-                continue
-            sub = f"{section}.{f.name}" if section else f.name
-            out[f.name] = to_plain(getattr(obj, f.name), drop=drop, section=sub)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v, drop=drop, section=section) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def field_docs(cls: type, prefix: str = "", mark: Callable[[str, str], str] | None = None

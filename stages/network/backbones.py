@@ -10,9 +10,8 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
-BACKBONES = ("resnet50", "resnet18", "mobilenet_v2")
-OUTPUT_STRIDES = (8, 16, 32)
-FREEZE_POINTS = ("stem", "layer1", "layer2", "layer3", "layer4")
+from stages.network.choices import BACKBONES, FREEZE_POINTS, OUTPUT_STRIDES
+
 
 # MobileNetV2 blocks that play the role of ResNet's stem / layer1..4, chosen by the resolution at
 # which they run in the undilated network: features.0 is the stride-2 stem conv; features.1-3 end

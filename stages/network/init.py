@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from stages.common.weights import file_digest
+from stages.network.choices import INIT_KINDS
 
-INIT_KINDS = ("moco", "torchvision", "auto")
 MOCO_PREFIXES = ("module.encoder_q.", "encoder_q.")  # DDP-saved and single-process MoCo
 CLASSIFIER_PREFIXES = ("fc.", "classifier.")  # ResNet / MobileNetV2 heads, MoCo's MLP head
 _LIST_AT_MOST = 10
