@@ -1,7 +1,8 @@
 """The pipeline configuration: ``pipeline.yaml`` -> validated, frozen dataclasses.
 
-Only this layer reads the file. Stages receive explicit parameter objects built from these
-sections, never the config itself. Relative paths in the file are resolved against the file's
+Only this layer reads the file. Its sections are the stages' own parameter classes (declared
+once, with defaults, checks and documentation, e.g. ``stages.train.params.TrainParams``); a stage
+receives its section, never the config itself. Relative paths in the file are resolved against the file's
 directory; relative paths given with ``--set`` against the current directory.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pipeline.configtypes import ConfigError, build, in_range, non_empty, opt, t
 from stages.bookkeeping import HASHED_AS, is_bookkeeping
 from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_weights
 from stages.data.io import DEFAULT_MAX_PIXELS
+from stages.params import at_default_since
+from stages.train.params import TrainParams
 
 DEFAULT_CONFIG = "pipeline.yaml"
 VOC_SEEDS = (1234, 1235, 1236, 1237, 1238)
@@ -126,60 +129,6 @@ class MasksConfig:
             raise ConfigError("masks.method is 'import' but no folder is given", "import_dir")
 
 
-def _crop_scale(v: tuple[float, ...]) -> str | None:
-    if len(v) == 2 and 0.0 < v[0] <= v[1] <= 1.0:
-        return None
-    return "needs [min, max] area fractions with 0 < min <= max <= 1"
-
-
-def _jitter(v: tuple[float, ...]) -> str | None:
-    if len(v) == 4 and min(v) >= 0.0 and v[3] <= 0.5:
-        return None
-    return "needs [brightness, contrast, saturation, hue], all >= 0 and hue <= 0.5"
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """View augmentation (defaults: the reference's). Stronger colour augmentation removes colour
-    as a cue for telling images apart, which matters when training from random weights."""
-    crop_scale: tuple[float, ...] = opt((0.2, 1.0), doc="RandomResizedCrop area range", check=_crop_scale)
-    jitter: tuple[float, ...] = opt((0.4, 0.4, 0.4, 0.1), doc="ColorJitter brightness, contrast, saturation, hue",
-                                    check=_jitter)
-    jitter_p: float = opt(0.8, doc="probability of the colour jitter", check=in_range(0.0, 1.0))
-    gray_p: float = opt(0.2, doc="probability of grayscale", check=in_range(0.0, 1.0))
-    flip_p: float = opt(0.5, doc="probability of a horizontal flip", check=in_range(0.0, 1.0))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    backbone: Literal["resnet50", "resnet18", "mobilenet_v2"] = opt("resnet50", doc="encoder")
-    output_stride: Literal[8, 16] = opt(8, doc="encoder output stride (dilated)")
-    init: str = opt("random", doc="'random', 'imagenet', 'moco_v2' (resnet50) or a checkpoint path (MoCo v2 or torchvision state dict)")
-    init_kind: Literal["moco", "torchvision", "auto"] = opt("auto", doc="checkpoint key layout")
-    freeze_early: bool = opt(False, doc="freeze the first blocks (the reference does for ImageNet-supervised init)")
-    epochs: int = opt(40, doc="0 = no training: the artifact holds the initialisation alone", check=in_range(0))
-    batch_size: int = opt(64, doc="global batch size", check=in_range(1))
-    queue_size: int = opt(128, doc="prototype queue K (a multiple of the global batch)", check=in_range(0))
-    temperature: float = opt(0.5, check=in_range(0.0, lo_open=True))
-    key_momentum: float = opt(0.999, check=in_range(0.0, 1.0))
-    lr: float = opt(0.004, check=in_range(0.0, lo_open=True))
-    momentum: float = opt(0.9, check=in_range(0.0, 1.0))
-    weight_decay: float = opt(1e-4, check=in_range(0.0))
-    crop_size: int = opt(224, check=in_range(16))
-    augment: AugmentConfig = opt(default_factory=AugmentConfig)
-    embedding_dim: int = opt(32, check=in_range(1))
-    seed: int = opt(0, doc="seed for Python, numpy and torch (recorded in the manifest)")
-    amp: Literal["auto", "off", "bf16", "fp16"] = opt("auto", doc="mixed precision on GPU")
-    keep_last: int = opt(2, doc="epoch checkpoints kept besides the final one", check=in_range(1))
-    num_workers: int = opt(2, doc="data-loader worker processes", check=in_range(0))
-    device: str = opt("auto", doc="'auto', 'cpu', 'cuda' or 'cuda:N'")
-
-    def __post_init__(self):
-        if self.queue_size % self.batch_size:
-            raise ConfigError(f"queue_size ({self.queue_size}) must be a multiple of batch_size ({self.batch_size})",
-                              "queue_size")
-
-
 @dataclass(frozen=True)
 class ExtractConfig:
     input_size: int = opt(512, doc="inference size (square, aspect not kept, as the reference)", check=in_range(32))
@@ -265,7 +214,7 @@ class Config:
     store: Path = opt(Path("store"), doc="artifact store directory")
     data: DataConfig = opt(default_factory=DataConfig)
     masks: MasksConfig = opt(default_factory=MasksConfig)
-    train: TrainConfig = opt(default_factory=TrainConfig)
+    train: TrainParams = opt(default_factory=TrainParams)
     extract: ExtractConfig = opt(default_factory=ExtractConfig)
     evaluate: EvaluateConfig = opt(default_factory=EvaluateConfig)
     clusters: ClustersConfig = opt(default_factory=ClustersConfig)
@@ -276,10 +225,12 @@ class Config:
 
     def section(self, name: str, drop_volatile: bool = True) -> dict[str, Any]:
         """Section ``name`` as plain data. With ``drop_volatile`` (the default), as it enters artifact
-        versions: bookkeeping keys (``stages.bookkeeping``) left out, or at their ``HASHED_AS`` value."""
+        versions: bookkeeping keys (``stages.bookkeeping``) left out, or at their ``HASHED_AS`` value,
+        and keys added since versions existed (``since_default``) left out while at their default."""
         if not drop_volatile:
             return to_plain(getattr(self, name), section=name)
-        out = to_plain(getattr(self, name), drop=is_bookkeeping, section=name)
+        since = at_default_since(self)
+        out = to_plain(getattr(self, name), drop=lambda s, n: is_bookkeeping(s, n) or since(s, n), section=name)
         for key, value in HASHED_AS.items():
             head, _, leaf = key.rpartition(".")
             if head == name:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from artifacts.atomic import sha256_file
 from artifacts.store import ArtifactWriter
-from pipeline.config import AugmentConfig, Config
-from pipeline.configtypes import ConfigError, to_plain
+from pipeline.config import Config
+from pipeline.configtypes import ConfigError
 from pipeline.graph import Context, Planned, StageDef, register
 from stages.network.compute import resolved_compute
 from stages.versions import ALGORITHM_VERSIONS
@@ -195,14 +195,12 @@ def _train_params(ctx: Context) -> Mapping[str, Any]:
     params["data"] = ctx.data_identity(ctx.cfg.data.train_split)
     # device type and precision as the training will resolve them (train.device itself is bookkeeping)
     params["compute"] = resolved_compute(ctx.cfg.train.device, ctx.cfg.train.amp)
-    if params["augment"] == to_plain(AugmentConfig()):
-        del params["augment"]  # the reference's: the parameters the versions had before the key existed
     return params
 
 
 def _run_train(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
     from artifacts.masks import MaskStore
-    from stages.train import TrainParams, train
+    from stages.train import train
 
     cfg = ctx.cfg
     masks = inputs["masks"]
@@ -211,7 +209,7 @@ def _run_train(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) 
     samples = [s for s in split if s.id in kept]
     if not samples:
         raise ValueError(f"no image of split {cfg.data.train_split!r} has a kept mask in {masks.ref}")
-    params = TrainParams(**ctx.cfg.section("train", drop_volatile=False))
+    params = cfg.train
     writer.update(train_images={"split": cfg.data.train_split, "n_split": len(split), "n_with_mask": len(samples)})
     summary = train(params, samples, masks.path, writer.path, progress=not ctx.quiet,
                     on_epoch=lambda epoch, record: writer.set_progress(epoch, params.epochs, "epochs"))

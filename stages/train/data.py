@@ -33,6 +33,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from artifacts.masks import MaskStore
 from stages.data import BadInputError, Sample, load_image
 
+from .params import AugmentParams
+
+_REFERENCE = AugmentParams()
 STAT_NAMES = ("redraws", "replaced", "bad_images")  # order of the per-item stats vector
 MAX_CANDIDATES = 16  # images tried for one index before giving up
 
@@ -57,15 +60,15 @@ class TrainDataError(ValueError):
 
 @dataclass(frozen=True)
 class ViewAugment:
-    """Augmentation of one view (defaults: the reference's)."""
+    """Augmentation of one view (defaults: the reference's, ``AugmentParams``'s)."""
 
     crop_size: int = 224
-    scale: tuple[float, float] = (0.2, 1.0)
+    scale: tuple[float, float] = _REFERENCE.crop_scale
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
-    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = _REFERENCE.jitter  # brightness, contrast, saturation, hue
+    jitter_p: float = _REFERENCE.jitter_p
+    gray_p: float = _REFERENCE.gray_p
+    flip_p: float = _REFERENCE.flip_p
 
 
 def random_resized_crop_params(

@@ -28,7 +28,6 @@ algorithm choice), which differs between two uninterrupted runs as well.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 import os
@@ -66,6 +65,7 @@ from stages.data import Sample
 from stages.network.init import load_init
 from stages.network.model import DEFAULT_ASPP_RATES, MaskContrastModel
 from stages.network.runtime import amp_name, normalize_images, resolve_amp, resolve_device
+from stages.params import to_plain
 
 from . import distributed as D
 from .checkpoint import (
@@ -88,108 +88,22 @@ from .data import (
     make_loader,
 )
 from .loss import PrototypeQueue, balanced_bce, contrastive_loss
+from .params import AugmentParams, TrainParams
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 REFERENCE_DROPOUT = 0.5
 FREEZE_UPTO = "layer2"  # conv1, bn1, layer1, layer2: the reference's frozen part
 LR_POWER = 0.9
 # Parameters that do not change the result (``stages.bookkeeping``): a checkpoint written under
 # other values resumes. (``init`` is compared by the file's sha256, not its path.)
 VOLATILE_PARAMS = tuple(sorted(BOOKKEEPING["train"]))
-_REFERENCE_VIEW = ViewAugment()
-AUGMENT_DEFAULTS: dict[str, Any] = {  # TrainParams.augment keys: the reference's augmentation
-    "crop_scale": list(_REFERENCE_VIEW.scale), "jitter": list(_REFERENCE_VIEW.jitter),
-    "jitter_p": _REFERENCE_VIEW.jitter_p, "gray_p": _REFERENCE_VIEW.gray_p, "flip_p": _REFERENCE_VIEW.flip_p,
-}
 _TORCH_STREAM, _SHUFFLE_STREAM = 11, 12  # derive_seed stream tags
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Training parameters (defaults: the reference's supervised-mask configuration).
-
-    ``batch_size`` is the global batch (per process: ``batch_size / world_size``); ``queue_size``
-    (K, 0 for no queue) must be a multiple of it. ``amp``: mixed precision on CUDA (``auto``:
-    bf16 where supported, else fp16 with a GradScaler); always off on the CPU. ``min_fg``,
-    ``max_fg``, ``redraws``: view-pair acceptance (see ``data``). ``augment``: view augmentation
-    overrides, keys of ``AUGMENT_DEFAULTS`` (missing keys keep the reference's values).
-    """
-
-    backbone: str = "resnet50"
-    output_stride: int = 8
-    init: str = "random"
-    init_kind: str = "auto"
-    freeze_early: bool = False
-    epochs: int = 40
-    batch_size: int = 64
-    queue_size: int = 128
-    temperature: float = 0.5
-    key_momentum: float = 0.999
-    lr: float = 0.004
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    crop_size: int = 224
-    embedding_dim: int = 32
-    seed: int = 0
-    amp: str = "auto"
-    keep_last: int = 2
-    num_workers: int = 2
-    device: str = "auto"
-    min_fg: float = 0.01
-    max_fg: float = 0.99
-    redraws: int = 3
-    augment: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        problems = []
-        unknown = sorted(set(self.augment) - set(AUGMENT_DEFAULTS))
-        if unknown:
-            problems.append(f"unknown augment keys {unknown}; expected some of {sorted(AUGMENT_DEFAULTS)}")
-        # every key present, as plain lists: the form stored in checkpoints and compared on resume
-        object.__setattr__(self, "augment", {k: list(v) if isinstance(v, (list, tuple)) else v
-                                             for k, v in {**AUGMENT_DEFAULTS, **self.augment}.items()})
-        a = self.augment
-        if not (len(a["crop_scale"]) == 2 and 0.0 < a["crop_scale"][0] <= a["crop_scale"][1] <= 1.0):
-            problems.append(f"augment crop_scale must be [min, max] with 0 < min <= max <= 1, got {a['crop_scale']}")
-        if not (len(a["jitter"]) == 4 and min(a["jitter"]) >= 0.0 and a["jitter"][3] <= 0.5):
-            problems.append(f"augment jitter must be 4 values >= 0 with hue <= 0.5, got {a['jitter']}")
-        bad_p = [k for k in ("jitter_p", "gray_p", "flip_p") if not 0.0 <= a[k] <= 1.0]
-        if bad_p:
-            problems.append(f"augment probabilities must be in [0, 1]: {', '.join(f'{k}={a[k]}' for k in bad_p)}")
-        if self.epochs < 0:
-            problems.append(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        elif self.queue_size < 0 or self.queue_size % self.batch_size:
-            problems.append(f"queue_size ({self.queue_size}) must be a non-negative multiple of "
-                            f"batch_size ({self.batch_size})")
-        if self.temperature <= 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.key_momentum <= 1.0:
-            problems.append(f"key_momentum must be in [0, 1], got {self.key_momentum}")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.amp not in AMP_MODES:
-            problems.append(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if self.keep_last < 1:
-            problems.append(f"keep_last must be >= 1, got {self.keep_last}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0.0 <= self.min_fg < self.max_fg <= 1.0:
-            problems.append(f"need 0 <= min_fg < max_fg <= 1, got {self.min_fg}, {self.max_fg}")
-        if self.redraws < 1:
-            problems.append(f"redraws must be >= 1, got {self.redraws}")
-        if self.crop_size < 1 or self.embedding_dim < 1:
-            problems.append("crop_size and embedding_dim must be positive")
-        if problems:
-            raise ValueError("invalid training parameters: " + "; ".join(problems))
 
 
 def view_augment(params: TrainParams) -> ViewAugment:
     """The per-view augmentation of ``params`` (``augment`` names ``scale`` ``crop_scale``)."""
     a = params.augment
-    return ViewAugment(crop_size=params.crop_size, scale=tuple(a["crop_scale"]), jitter=tuple(a["jitter"]),
-                       jitter_p=a["jitter_p"], gray_p=a["gray_p"], flip_p=a["flip_p"])
+    return ViewAugment(crop_size=params.crop_size, scale=tuple(a.crop_scale), jitter=tuple(a.jitter),
+                       jitter_p=a.jitter_p, gray_p=a.gray_p, flip_p=a.flip_p)
 
 
 class TrainingDiverged(RuntimeError):
@@ -413,8 +327,9 @@ class Trainer:
         return store
 
     def _check_resume(self, state: dict, path: Path) -> None:
-        mine = dataclasses.asdict(self.params)
-        theirs = {"augment": AUGMENT_DEFAULTS, **state.get("params", {})}  # checkpoints from before the key
+        mine = to_plain(self.params)
+        # checkpoints from before the augment key; tuples and lists alike
+        theirs = to_plain({"augment": to_plain(AugmentParams()), **state.get("params", {})})
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in mine.items()
                 if k not in VOLATILE_PARAMS and k != "init" and theirs.get(k) != v]
         if (theirs.get("init") == "random") != (self.params.init == "random"):
@@ -501,7 +416,7 @@ class Trainer:
                   "world_size": info.world_size}
         if p.epochs == 0:
             if main:
-                save_model_file(self.out_dir / MODEL_FILE, model, config, params=dataclasses.asdict(p),
+                save_model_file(self.out_dir / MODEL_FILE, model, config, params=to_plain(p),
                                 init=init_report, epochs=0, steps=0)
             D.barrier()
             return {**self._summary(complete=True, n_images=len(self.samples), seconds=0.0), **common}
@@ -534,7 +449,7 @@ class Trainer:
                 log.close()
         complete = self.epochs_done == p.epochs
         if complete and main:
-            save_model_file(self.out_dir / MODEL_FILE, model, config, params=dataclasses.asdict(p),
+            save_model_file(self.out_dir / MODEL_FILE, model, config, params=to_plain(p),
                             init=init_report, epochs=p.epochs, steps=self.global_step,
                             history=self.history)
             plot_loss_curve(self.out_dir / LOG_FILE, self.out_dir / LOSS_CURVE_FILE)
@@ -619,7 +534,7 @@ class Trainer:
                          "global_batch": self.params.batch_size, "world_size": info.world_size,
                          "next_epoch": epoch + 1, "next_step_in_epoch": 0},
                 "log_lines": self.log_lines, "history": self.history,
-                "params": dataclasses.asdict(self.params), "model_config": model_config(self.params),
+                "params": to_plain(self.params), "model_config": model_config(self.params),
                 "init": self.init_report,
             })
             prune_checkpoints(self.out_dir, self.params.keep_last)

@@ -1,4 +1,5 @@
-"""``train.augment``: the reference's values keep the train versions made before the key existed."""
+"""``train.augment`` and the view-pair keys: the reference's values keep the train versions made
+before the keys existed."""
 from __future__ import annotations
 
 import pytest
@@ -56,11 +57,12 @@ def test_bad_augment_names_the_key(project, override, message):
     assert override.split("=")[0] in str(info.value)
 
 
-def test_config_defaults_are_the_trainers_reference():
-    """The version drops ``augment`` when it equals AugmentConfig(): that must be what training
-    takes as the reference, or a changed default would reuse old versions for new views."""
-    from pipeline.config import AugmentConfig
-    from pipeline.configtypes import to_plain
-    from stages.train.loop import AUGMENT_DEFAULTS
-
-    assert to_plain(AugmentConfig()) == AUGMENT_DEFAULTS
+def test_view_pair_keys_are_settable_and_enter_the_version_only_when_set(project):
+    _, reference = _train()
+    assert not {"min_fg", "max_fg", "redraws"} & set(reference.params)  # the versions made before the keys
+    ctx, redraws = _train("train.redraws=5")
+    assert ctx.cfg.train.redraws == 5 and redraws.params["redraws"] == 5 and redraws.version != reference.version
+    _, at_default = _train("train.min_fg=0.01")
+    assert at_default.version == reference.version
+    with pytest.raises(ConfigError, match=r"^train.min_fg: must be below max_fg \(0.3\), got 0.5 "):
+        _train("train.min_fg=0.5", "train.max_fg=0.3")

@@ -20,11 +20,13 @@ from artifacts.masks import MaskRecord, write_mask_shard
 from stages.common.prototypes import mask_prototypes
 from stages.data import Sample
 from stages.network.runtime import normalize_images
+from stages.params import ParamError
 from stages.train import CheckpointError, TrainDataError, TrainingDiverged, TrainParams, load_model, train
 from stages.train import loop
 from stages.train.checkpoint import build_model
 from stages.train.loop import Encoders, key_prototypes, model_config, poly_lr
 from stages.train.data import ViewAugment
+from stages.train.params import AugmentParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,25 +78,25 @@ def test_poly_schedule_is_the_references_per_epoch_rule() -> None:
     assert poly_lr(1.0, 3, 4) == pytest.approx(0.5 ** 0.9)
 
 
-def test_params_are_checked() -> None:
-    with pytest.raises(ValueError, match=r"queue_size \(100\) must be a non-negative multiple of batch_size \(64\)"):
+def test_params_are_checked_naming_the_key() -> None:
+    with pytest.raises(ParamError, match=r"^queue_size: must be a multiple of batch_size \(64\), got 100$"):
         TrainParams(queue_size=100)
-    with pytest.raises(ValueError, match="amp must be one of auto, off, bf16, fp16"):
+    with pytest.raises(ParamError, match="^amp: expected one of 'auto', 'off', 'bf16', 'fp16', got 'fp8'$"):
         TrainParams(amp="fp8")
-    with pytest.raises(ValueError, match="need 0 <= min_fg < max_fg <= 1"):
+    with pytest.raises(ParamError, match=r"^min_fg: must be below max_fg \(0.4\), got 0.5$"):
         TrainParams(min_fg=0.5, max_fg=0.4)
-    with pytest.raises(ValueError, match=r"unknown augment keys \['grey'\]"):
+    with pytest.raises(ParamError, match=r"^augment: unknown keys \['grey'\]"):
         TrainParams(augment={"grey": 0.5})
-    with pytest.raises(ValueError, match=r"augment probabilities must be in \[0, 1\]: gray_p=1.5"):
+    with pytest.raises(ParamError, match=r"^augment.gray_p: must be <= 1.0, got 1.5$"):
         TrainParams(augment={"gray_p": 1.5})
-    with pytest.raises(ValueError, match="augment crop_scale must be"):
+    with pytest.raises(ParamError, match="^augment.crop_scale: needs"):
         TrainParams(augment={"crop_scale": [0.6, 0.5]})
 
 
 def test_augment_overrides_the_references_view_augmentation() -> None:
     assert loop.view_augment(TrainParams(crop_size=64)) == ViewAugment(crop_size=64)  # all defaults
-    p = TrainParams(crop_size=64, augment={"crop_scale": (0.5, 1.0), "gray_p": 0.8})
-    assert p.augment == {**loop.AUGMENT_DEFAULTS, "crop_scale": [0.5, 1.0], "gray_p": 0.8}  # complete, lists
+    p = TrainParams(crop_size=64, augment={"crop_scale": [0.5, 1.0], "gray_p": 0.8})
+    assert p.augment == AugmentParams(crop_scale=(0.5, 1.0), gray_p=0.8)  # complete
     assert loop.view_augment(p) == dataclasses.replace(ViewAugment(crop_size=64), scale=(0.5, 1.0), gray_p=0.8)
 
 
