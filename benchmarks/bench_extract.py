@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts.embeddings import EmbeddingStore  # noqa: E402
 from stages.data import DatasetIndex, Sample, load_image  # noqa: E402
-from stages.extract import ExtractParams, extract, head_prototypes, resize_features, resize_mask  # noqa: E402
+from stages.extract import ExtractParams, head_prototypes, resize_features, resize_mask  # noqa: E402
+from stages.extract.extract import extract  # noqa: E402
 from stages.network.model import MaskContrastModel  # noqa: E402
 from stages.network.runtime import normalize_images  # noqa: E402
 

@@ -19,6 +19,7 @@ from pipeline.configtypes import ConfigError, build, in_range, non_empty, opt, t
 from stages.bookkeeping import HASHED_AS, is_bookkeeping
 from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_weights
 from stages.data.io import DEFAULT_MAX_PIXELS
+from stages.extract.params import ExtractParams
 from stages.params import at_default_since
 from stages.train.params import TrainParams
 
@@ -130,21 +131,6 @@ class MasksConfig:
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
-    input_size: int = opt(512, doc="inference size (square, aspect not kept, as the reference)", check=in_range(32))
-    interpolation: Literal["bicubic", "bilinear"] = opt("bicubic", doc="image resize to the inference size")
-    mask_source: Literal["model", "masks"] = opt("model", doc="salient region from the saliency head or the mask shards")
-    embedding: Literal["head", "backbone"] = opt(
-        "head", doc="prototype from the 32-d embedding head, or from the backbone's last features (baselines)")
-    features: bool = opt(True, doc="store the 256-d decoder features (float16) for the linear probe")
-    feature_size: int = opt(32, doc="side of the stored feature grid", check=in_range(4))
-    shard_size: int = opt(256, doc="images per embedding shard", check=in_range(1))
-    batch_size: int = opt(8, check=in_range(1))
-    num_workers: int = opt(2, doc="decode/resize worker processes", check=in_range(0))
-    device: str = opt("auto")
-
-
-@dataclass(frozen=True)
 class KMeansConfig:
     n_clusters: Optional[int] = opt(None, doc="default: number of foreground classes", check=in_range(1))
     pca_dim: int = opt(32, doc="PCA-whitening dimension of the prototypes", check=in_range(1))
@@ -215,7 +201,7 @@ class Config:
     data: DataConfig = opt(default_factory=DataConfig)
     masks: MasksConfig = opt(default_factory=MasksConfig)
     train: TrainParams = opt(default_factory=TrainParams)
-    extract: ExtractConfig = opt(default_factory=ExtractConfig)
+    extract: ExtractParams = opt(default_factory=ExtractParams)
     evaluate: EvaluateConfig = opt(default_factory=EvaluateConfig)
     clusters: ClustersConfig = opt(default_factory=ClustersConfig)
     dask: DaskConfig = opt(default_factory=DaskConfig)

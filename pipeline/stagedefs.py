@@ -288,15 +288,10 @@ def _extract_params(ctx: Context) -> Mapping[str, Any]:
 
 
 def _run_extract(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from stages.extract import ExtractParams, extract
+    from stages.extract.extract import extract
     from stages.train import load_model
 
-    cfg = ctx.cfg
-    e = cfg.extract
-    params = ExtractParams(input_size=e.input_size, interpolation=e.interpolation, mask_source=e.mask_source,
-                           embedding=e.embedding, features=e.features, feature_size=e.feature_size,
-                           batch_size=e.batch_size, num_workers=e.num_workers, device=e.device,
-                           shard_size=e.shard_size)
+    params = ctx.cfg.extract
     model, meta = load_model(inputs["train"].path)
     mask_dir = inputs["masks"].path if "masks" in inputs else None
     splits = _extract_splits(ctx)

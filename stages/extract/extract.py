@@ -80,7 +80,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +101,12 @@ from artifacts.embeddings import (
     summarize_embeddings,
 )
 from artifacts.masks import MaskStore
-from stages.bookkeeping import BOOKKEEPING
 from stages.common.prototypes import mask_prototypes
 from stages.common.resize import nearest_indices
 from stages.data import BadInputError, Sample, load_image
 from stages.network.runtime import normalize_images, resolve_amp, resolve_device
+
+from .params import _VOLATILE, EMBEDDINGS, MASK_SOURCES, SALIENCY_THRESHOLD, ExtractParams  # noqa: F401  (_VOLATILE: tests)
 
 __all__ = [
     "EMBEDDINGS",
@@ -125,64 +126,12 @@ __all__ = [
 ]
 
 SKIPPED_FILE = "skipped.json"  # here, and the masks stage's list of images it could not read
-SALIENCY_THRESHOLD = 0.5  # on the raw logit, as the reference
-MASK_SOURCES = ("model", "masks")
-EMBEDDINGS = ("head", "backbone")
 INTERPOLATIONS = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR}
-# Parameters that change nothing in the output (``stages.bookkeeping``; not recorded in the shards).
-_VOLATILE = tuple(sorted(BOOKKEEPING["extract"]))
 
 
 class ExtractError(ValueError):
-    """Extraction cannot proceed: bad parameters, a mask artifact that does not cover the samples
-    or does not match the images, or existing shards written with other parameters."""
-
-
-@dataclass(frozen=True)
-class ExtractParams:
-    """What ``extract`` computes and how.
-
-    ``input_size``: square inference size (aspect not kept, as the reference); ``interpolation``:
-    image resize, ``bicubic`` (the reference's cv2.INTER_CUBIC) or ``bilinear``. ``mask_source``,
-    ``embedding``: see the module docstring. ``features``/``feature_size``: store the decoder trunk
-    at ``feature_size`` x ``feature_size`` in float16. ``batch_size``, ``num_workers`` (decode +
-    resize processes; 0: in this process), ``device`` (``auto``, ``cpu``, ``cuda[:N]``) change
-    only speed. ``shard_size``: images per shard file (the unit of resumption).
-    """
-
-    input_size: int = 512
-    interpolation: str = "bicubic"
-    mask_source: str = "model"
-    embedding: str = "head"
-    features: bool = True
-    feature_size: int = 32
-    batch_size: int = 8
-    num_workers: int = 2
-    device: str = "auto"
-    shard_size: int = 256
-
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("input_size", "feature_size", "batch_size", "shard_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            problems.append(f"num_workers must be an int >= 0, got {self.num_workers!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
-        if self.mask_source not in MASK_SOURCES:
-            problems.append(f"mask_source must be one of {', '.join(MASK_SOURCES)}, got {self.mask_source!r}")
-        if self.embedding not in EMBEDDINGS:
-            problems.append(f"embedding must be one of {', '.join(EMBEDDINGS)}, got {self.embedding!r}")
-        if problems:
-            raise ExtractError("invalid extract parameters: " + "; ".join(problems))
-
-    def recorded(self) -> dict[str, Any]:
-        """The parameters that determine the output, as stored in every shard's ``extract`` attr."""
-        out = {k: v for k, v in asdict(self).items() if k not in _VOLATILE}
-        out["saliency_threshold"] = SALIENCY_THRESHOLD
-        return out
+    """Extraction cannot proceed: a mask artifact that does not cover the samples or does not
+    match the images, or existing shards written with other parameters."""
 
 
 # --------------------------------------------------------------------------- pure maths

@@ -38,7 +38,7 @@ dask: {scheduler: synchronous}
 def project(tmp_path, monkeypatch, make_box_dataset):
     """The dataset, the config, and a stand-in extract; returns (project dir, extracted splits)."""
     import stages.evaluate.protocols as protocols
-    import stages.extract
+    import stages.extract.extract as extract_stage
     import stages.train
 
     make_box_dataset(tmp_path / "data", CLASSES, SPLITS)
@@ -59,7 +59,7 @@ def project(tmp_path, monkeypatch, make_box_dataset):
         return {"n_images": len(records), "n_valid": len(records), "images_per_s": None}
 
     monkeypatch.setattr(stages.train, "load_model", lambda path: (None, {}))
-    monkeypatch.setattr(stages.extract, "extract", fake_extract)
+    monkeypatch.setattr(extract_stage, "extract", fake_extract)
     monkeypatch.setattr(protocols, "_figures", lambda *args, **kwargs: {})  # pictures are tested elsewhere
     return tmp_path, extracted
 

@@ -23,14 +23,15 @@ from stages.extract import (
     ExtractError,
     ExtractParams,
     backbone_prototypes,
-    extract,
     head_prototypes,
     nearest_indices,
     pullback_weights,
     resize_features,
     resize_mask,
 )
+from stages.extract.extract import extract
 from stages.network.model import MaskContrastModel
+from stages.params import ParamError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,9 +148,9 @@ def test_nearest_resize_is_cv2_inter_nearest():
 
 
 def test_params_validated():
-    with pytest.raises(ExtractError, match="mask_source must be one of model, masks, got 'gt'"):
+    with pytest.raises(ParamError, match="^mask_source: expected one of 'model', 'masks', got 'gt'$"):
         ExtractParams(mask_source="gt")
-    with pytest.raises(ExtractError, match="input_size must be a positive int"):
+    with pytest.raises(ParamError, match="^input_size: must be >= 32, got 0$"):
         ExtractParams(input_size=0)
     assert "batch_size" not in ExtractParams().recorded()
     assert ExtractParams().recorded()["saliency_threshold"] == 0.5
@@ -372,8 +373,8 @@ def test_memory_does_not_grow_with_the_number_of_images(tmp_path, stub_model):
 def test_real_model_head_and_backbone(tmp_path):
     samples = _dataset(tmp_path, 3)
     model = MaskContrastModel("mobilenet_v2", output_stride=32, embedding_dim=8)
-    s1 = extract(model, samples, tmp_path / "head", _params(input_size=64, feature_size=2), progress=False)
-    assert s1["prototype_dim"] == 8 and s1["feature_shape"] == [256, 2, 2]
+    s1 = extract(model, samples, tmp_path / "head", _params(input_size=64, feature_size=4), progress=False)
+    assert s1["prototype_dim"] == 8 and s1["feature_shape"] == [256, 4, 4]
     masks = _mask_artifact(tmp_path / "masks", samples, np.random.default_rng(5))
     s2 = extract(model, samples, tmp_path / "bb", _params(input_size=64, mask_source="masks", embedding="backbone"),
                  mask_dir=tmp_path / "masks", progress=False)
