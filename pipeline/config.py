@@ -20,6 +20,7 @@ from stages.bookkeeping import HASHED_AS, is_bookkeeping
 from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_weights
 from stages.data.io import DEFAULT_MAX_PIXELS
 from stages.extract.params import ExtractParams
+from stages.masks.params import OnnxParams, PriorParams
 from stages.params import at_default_since
 from stages.train.params import TrainParams
 
@@ -39,25 +40,6 @@ class DataConfig:
     val_split: str = opt("val", doc="split used for K-means, retrieval queries and scores", check=_split_name)
     max_pixels: int = opt(DEFAULT_MAX_PIXELS, check=in_range(1),
                           doc="images with more pixels are skipped (with the reason) as possible decompression bombs")
-
-
-@dataclass(frozen=True)
-class PriorsConfig:
-    size: int = opt(256, doc="long side (px) the hand-crafted priors are computed at", check=in_range(32, 2048))
-    n_segments: int = opt(300, doc="SLIC superpixels per image", check=in_range(8))
-    compactness: float = opt(20.0, doc="SLIC compactness", check=in_range(0.0, lo_open=True))
-    weights: tuple[float, ...] = opt((1.0, 1.0, 1.0), doc="fusion weights of (rbd, mbd, contrast)",
-                                     check=lambda w: in_range(0.0)(w) or (None if len(w) == 3 and sum(w) > 0 else "needs 3 non-negative weights, not all zero"))
-
-
-@dataclass(frozen=True)
-class OnnxModelConfig:
-    input_size: int = opt(320, doc="square input size of the ONNX model", check=in_range(8))
-    mean: tuple[float, ...] = opt((0.485, 0.456, 0.406), doc="per-channel mean after scaling to [0,1]")
-    std: tuple[float, ...] = opt((0.229, 0.224, 0.225), doc="per-channel std", check=in_range(0.0, lo_open=True))
-    output_index: int = opt(0, doc="which model output is the saliency map", check=in_range(0))
-    minmax: bool = opt(True, doc="min-max normalise the model's map per image (the U2-Net authors do)")
-    threads: int = opt(1, doc="onnxruntime intra-op threads per worker", check=in_range(1))
 
 
 @dataclass(frozen=True)
@@ -116,8 +98,8 @@ class MasksConfig:
     max_fg: float = opt(0.99, doc="drop the image when foreground is above this share", check=in_range(0.0, 1.0))
     store_soft: bool = opt(True, doc="also store the soft map as uint8")
     shard_size: int = opt(512, doc="images per HDF5 shard", check=in_range(1))
-    priors: PriorsConfig = opt(default_factory=PriorsConfig)
-    model: OnnxModelConfig = opt(default_factory=OnnxModelConfig)
+    priors: PriorParams = opt(default_factory=PriorParams)
+    model: OnnxParams = opt(default_factory=OnnxParams)
     bootstrap: BootstrapConfig = opt(default_factory=BootstrapConfig)
     features: FeaturesConfig = opt(default_factory=FeaturesConfig)
 

@@ -91,13 +91,6 @@ def _post_params(cfg: Config):
                       max_fg=m.max_fg)
 
 
-def _prior_params(cfg: Config):
-    from stages.masks.priors import PriorParams
-
-    p = cfg.masks.priors
-    return PriorParams(size=p.size, n_segments=p.n_segments, compactness=p.compactness, weights=tuple(p.weights))
-
-
 def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, progress: bool = True):
     """The configured per-image estimator (picklable, so dask can ship it).
 
@@ -110,20 +103,15 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
     if m.method == "bootstrap":
         from stages.masks.bootstrap import BootstrapEstimator, fit_bootstrap
 
-        teacher = _prior_params(cfg) if m.bootstrap.teacher == "priors" else _features_estimator(cfg)
+        teacher = cfg.masks.priors if m.bootstrap.teacher == "priors" else _features_estimator(cfg)
         checkpoint = fit_bootstrap(list(samples), teacher, _bootstrap_params(cfg), work_dir, progress=progress)
         return BootstrapEstimator(checkpoint)
     if m.method == "priors":
-        return stage.PriorsEstimator(_prior_params(cfg))
+        return stage.PriorsEstimator(cfg.masks.priors)
     if m.method == "features":
         return _features_estimator(cfg)
     if m.method == "model":
-        from stages.masks.onnx_model import OnnxParams
-
-        mc = m.model
-        params = OnnxParams(input_size=mc.input_size, mean=tuple(mc.mean), std=tuple(mc.std),
-                            output_index=mc.output_index, minmax=mc.minmax)
-        return stage.OnnxEstimator(m.model_path, params, threads=mc.threads)
+        return stage.OnnxEstimator(m.model_path, m.model, threads=m.model.threads)
     if m.method == "import":
         return stage.ImportEstimator(m.import_dir)
     raise ValueError(f"unknown masks.method {m.method!r}")

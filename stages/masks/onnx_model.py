@@ -8,55 +8,20 @@ reopen it lazily, so dask can ship them to workers.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 import onnxruntime as ort
+
+from stages.masks.params import OnnxParams
 
 __all__ = ["OnnxParams", "SaliencyModelError", "OnnxSaliency"]
 
 
 class SaliencyModelError(ValueError):
     """The model file is missing, is not ONNX, or does not have a saliency model's inputs/outputs."""
-
-
-@dataclass(frozen=True)
-class OnnxParams:
-    """Pre- and post-processing of an ONNX saliency model.
-
-    input_size: (height, width) fed to the model (an int means square). Must match a model with a
-        fixed spatial input size; used as is when the model's spatial dims are dynamic.
-    mean, std, scale: x = (pixel * scale - mean) / std per channel (in ``channel_order``).
-    output_index: which model output is the saliency map (U^2-Net: 0, the fused map).
-    minmax: min-max normalise each map (U^2-Net's authors do); otherwise the output is clipped to
-        [0, 1], so it must already be a probability.
-    channel_order: "RGB" or "BGR", the order the model expects.
-    """
-
-    input_size: tuple[int, int] | int = 320
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    scale: float = 1.0 / 255.0
-    output_index: int = 0
-    minmax: bool = True
-    channel_order: Literal["RGB", "BGR"] = "RGB"
-
-    def __post_init__(self) -> None:
-        if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"OnnxParams.channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
-        h, w = self.size_hw
-        if h < 1 or w < 1:
-            raise ValueError(f"OnnxParams.input_size must be positive, got {self.input_size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"OnnxParams.mean/std need 3 values each, std > 0; got {self.mean}, {self.std}")
-
-    @property
-    def size_hw(self) -> tuple[int, int]:
-        s = self.input_size
-        return (int(s), int(s)) if isinstance(s, (int, np.integer)) else (int(s[0]), int(s[1]))
 
 
 def _describe(nodes) -> str:

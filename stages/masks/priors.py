@@ -29,52 +29,9 @@ from scipy.sparse.csgraph import dijkstra
 from scipy.sparse.linalg import spsolve
 from skimage.segmentation import slic
 
+from stages.masks.params import PriorParams
+
 __all__ = ["PriorParams", "rbd_saliency", "mbd_saliency", "contrast_saliency", "priors_saliency", "fuse_maps"]
-
-
-@dataclass(frozen=True)
-class PriorParams:
-    """Parameters of the hand-crafted priors.
-
-    size: long side, in pixels, at which every prior is computed.
-    n_segments, compactness: SLIC superpixels (``skimage.segmentation.slic``; compactness in Lab units).
-    weights: fusion weights of (rbd, mbd, contrast) in ``priors_saliency``, normalised to sum 1.
-        Equal weights: the best grid point differs between davis16-objects' splits ((1, 1, 2) on
-        train, IoU 0.339; (1, 2, 1) on val, 0.313) and equal weights stay within 0.005 / 0.011 of both.
-    rbd_geo_sigma: sigma (Lab units) turning geodesic distance into similarity (boundary connectivity).
-    rbd_bg_lambda: weight of RBD's background term against its foreground term (authors' code: 5).
-    rbd_spatial_sigma: sigma of RBD's spatial weight in the background-weighted contrast (image sides).
-    mbd_iterations: passes of the four directional FastMBD sweeps.
-    mbd_sigmoid: slope b of MBD's contrast enhancement 1 / (1 + exp(-b (x - otsu))); 0 disables it.
-    contrast_spatial_sigma: sigma of the spatial weight of the colour uniqueness (image sides).
-    centre_sigma: sigma of the Gaussian centre prior of ``contrast`` (image sides).
-    """
-
-    size: int = 256
-    n_segments: int = 300
-    compactness: float = 20.0
-    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    rbd_geo_sigma: float = 7.0
-    rbd_bg_lambda: float = 5.0
-    rbd_spatial_sigma: float = 0.25
-    mbd_iterations: int = 3
-    mbd_sigmoid: float = 10.0
-    contrast_spatial_sigma: float = 0.15
-    centre_sigma: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.size < 16:
-            raise ValueError(f"PriorParams.size must be >= 16 pixels, got {self.size}")
-        if self.n_segments < 4:
-            raise ValueError(f"PriorParams.n_segments must be >= 4, got {self.n_segments}")
-        if self.mbd_iterations < 1:
-            raise ValueError(f"PriorParams.mbd_iterations must be >= 1, got {self.mbd_iterations}")
-        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # lists from YAML
-        if len(self.weights) != 3 or min(self.weights) < 0 or sum(self.weights) <= 0:
-            raise ValueError(
-                "PriorParams.weights must be 3 non-negative numbers (rbd, mbd, contrast) with a positive "
-                f"sum, got {self.weights}"
-            )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 
 from artifacts.atomic import atomic_write_json
 from artifacts.masks import SCHEMA_VERSION, MaskRecord, MaskStore, shard_name, write_mask_shard
+from stages.bookkeeping import without_bookkeeping
 from stages.data import BadInputError, Sample, load_image
 from stages.masks.imported import BadMaskError, load_imported_mask
 from stages.masks.postprocess import PostParams, postprocess
@@ -53,7 +54,7 @@ class OnnxEstimator:
 
     def describe(self) -> dict[str, Any]:
         return {"estimator": self.name, "model_file": self.path.name, "model_sha256": self.model.sha256,
-                "estimator_params": asdict(self.model.params)}
+                "estimator_params": without_bookkeeping("masks.model", asdict(self.model.params))}
 
     def __call__(self, img: np.ndarray, sample: Sample) -> np.ndarray:
         return self.model(img)

@@ -163,3 +163,12 @@ def test_features_weights_are_checked_for_the_estimator_and_the_bootstrap_teache
     cfg = load_config(write(tmp_path, "data:\n  root: d\nmasks:\n  method: features\n  features:\n    init: random\n"))
     with pytest.raises(ConfigError, match="this estimator needs pretrained weights"):
         check_paths(cfg)
+
+
+def test_stage_parameters_once_hidden_are_settable(tmp_path):
+    cfg = load_config(write(tmp_path, "train: {redraws: 5, min_fg: 0.05}\nmasks: {priors: {mbd_sigmoid: 0}}\n"),
+                      ["masks.model.channel_order=BGR", "masks.model.input_size=[24, 32]"])
+    assert cfg.train.redraws == 5 and cfg.train.min_fg == 0.05 and cfg.masks.priors.mbd_sigmoid == 0
+    assert cfg.masks.model.channel_order == "BGR" and cfg.masks.model.size_hw == (24, 32)
+    with pytest.raises(ConfigError, match="^masks.priors.mbd_iterations: must be >= 1, got 0 "):
+        load_config(write(tmp_path, "masks: {priors: {mbd_iterations: 0}}\n"))

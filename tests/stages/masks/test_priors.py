@@ -128,7 +128,7 @@ def test_invalid_inputs():
         priors_saliency(np.zeros((8, 8, 3)))
     with pytest.raises(ValueError, match=r"uint8 RGB image.*\(8, 8\)"):
         rbd_saliency(np.zeros((8, 8), np.uint8))
-    with pytest.raises(ValueError, match="weights must be 3 non-negative"):
+    with pytest.raises(ValueError, match="^weights: needs 3 non-negative weights"):
         PriorParams(weights=(1.0, -1.0, 1.0))
-    with pytest.raises(ValueError, match="size must be >= 16"):
+    with pytest.raises(ValueError, match="^size: must be >= 32, got 8$"):
         PriorParams(size=8)

@@ -1,0 +1,92 @@
+"""Parameters of the masks stage's estimators (sub-sections of ``masks`` in ``pipeline.yaml``),
+declared once: the hand-crafted priors (``masks.priors``) and the ONNX saliency model
+(``masks.model``). Keys the configuration gained after artifacts existed are ``since_default``:
+left out of versions while at their default. Torch- and numpy-free, so that reading a
+configuration stays light.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from stages.params import check_fields, in_range, opt
+
+
+def _weights(w: tuple[float, ...]) -> str | None:
+    if len(w) == 3 and min(w) >= 0 and sum(w) > 0:
+        return None
+    return "needs 3 non-negative weights (rbd, mbd, contrast), not all zero"
+
+
+@dataclass(frozen=True)
+class PriorParams:
+    """Parameters of the hand-crafted priors (:mod:`stages.masks.priors`).
+
+    ``weights`` are normalised to sum 1 in ``priors_saliency``. Equal weights: the best grid point
+    differs between davis16-objects' splits ((1, 1, 2) on train, IoU 0.339; (1, 2, 1) on val, 0.313)
+    and equal weights stay within 0.005 / 0.011 of both.
+    """
+
+    size: int = opt(256, doc="long side (px) the hand-crafted priors are computed at", check=in_range(32, 2048))
+    n_segments: int = opt(300, doc="SLIC superpixels per image", check=in_range(8))
+    compactness: float = opt(20.0, doc="SLIC compactness (Lab units)", check=in_range(0.0, lo_open=True))
+    weights: tuple[float, ...] = opt((1.0, 1.0, 1.0), doc="fusion weights of (rbd, mbd, contrast)", check=_weights)
+    rbd_geo_sigma: float = opt(7.0, doc="sigma (Lab units) turning geodesic distance into similarity (boundary connectivity)",
+                               check=in_range(0.0, lo_open=True), since_default=True)
+    rbd_bg_lambda: float = opt(5.0, doc="weight of RBD's background term against its foreground term (authors' code: 5)",
+                               check=in_range(0.0), since_default=True)
+    rbd_spatial_sigma: float = opt(0.25, doc="sigma of RBD's spatial weight in the background-weighted contrast (image sides)",
+                                   check=in_range(0.0, lo_open=True), since_default=True)
+    mbd_iterations: int = opt(3, doc="passes of the four directional FastMBD sweeps", check=in_range(1),
+                              since_default=True)
+    mbd_sigmoid: float = opt(10.0, doc="slope of MBD's contrast enhancement 1 / (1 + exp(-b (x - otsu))); 0 disables it",
+                             check=in_range(0.0), since_default=True)
+    contrast_spatial_sigma: float = opt(0.15, doc="sigma of the spatial weight of the colour uniqueness (image sides)",
+                                        check=in_range(0.0, lo_open=True), since_default=True)
+    centre_sigma: float = opt(0.3, doc="sigma of the Gaussian centre prior of the contrast cue (image sides)",
+                              check=in_range(0.0, lo_open=True), since_default=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))  # lists from YAML
+        check_fields(self)
+
+
+def _three(v: tuple[float, ...]) -> str | None:
+    return None if len(v) == 3 else f"needs 3 values (one per channel), got {len(v)}"
+
+
+@dataclass(frozen=True)
+class OnnxParams:
+    """Pre- and post-processing of an ONNX saliency model (:mod:`stages.masks.onnx_model`).
+
+    ``input_size`` must match a model with a fixed spatial input size; it is used as is when the
+    model's spatial dims are dynamic. x = (pixel * scale - mean) / std per channel (in
+    ``channel_order``). Without ``minmax`` the output is clipped to [0, 1], so it must already be a
+    probability.
+    """
+
+    input_size: Union[tuple[int, ...], int] = opt(320, doc="input size of the ONNX model: a side (square) or [height, width]",
+                                                   check=lambda v: in_range(8)(v) or (None if isinstance(v, int) or len(v) == 2
+                                                                                     else "needs one side or [height, width]"))
+    mean: tuple[float, ...] = opt((0.485, 0.456, 0.406), doc="per-channel mean after scaling to [0,1]", check=_three)
+    std: tuple[float, ...] = opt((0.229, 0.224, 0.225), doc="per-channel std",
+                                 check=lambda v: _three(v) or in_range(0.0, lo_open=True)(v))
+    scale: float = opt(1.0 / 255.0, doc="factor from pixel values to the model's range", check=in_range(0.0, lo_open=True),
+                       since_default=True)
+    output_index: int = opt(0, doc="which model output is the saliency map", check=in_range(0))
+    minmax: bool = opt(True, doc="min-max normalise the model's map per image (the U2-Net authors do)")
+    channel_order: Literal["RGB", "BGR"] = opt("RGB", doc="channel order the model expects", since_default=True)
+    threads: int = opt(1, doc="onnxruntime intra-op threads per worker", check=in_range(1))
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.input_size, numbers.Integral):
+            object.__setattr__(self, "input_size", tuple(self.input_size))
+        check_fields(self)
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        s = self.input_size
+        return (int(s), int(s)) if isinstance(s, numbers.Integral) else (int(s[0]), int(s[1]))
