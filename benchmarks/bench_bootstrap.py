@@ -12,7 +12,7 @@ processes on top). The second fit reuses the first fit's prior cache (same key),
 training alone.
 
     python benchmarks/bench_bootstrap.py [--inits random,imagenet] [--work DIR] [--workers 2]
-        [--threads N] [--input-size 128] [--rounds 3] [--epochs 5] [--limit N] [--teacher features]
+        [--threads N] [--input-size 128] [--rounds 3] [--epochs 5] [--limit N] [--teacher features] [--crf]
 
 The teacher's baseline row is its map at input_size, upsampled (as the fit sees it).
 """
@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--teacher", choices=("priors", "features"), default="priors",
                     help="first pseudo-labels: the hand-crafted priors, or the features estimator "
                          "(ImageNet MobileNetV2 from --weights; masks.bootstrap.teacher)")
+    ap.add_argument("--crf", action="store_true",
+                    help="also score each round's network with masks.bootstrap.crf (its maps snapped to colour "
+                         "edges by the features estimator's dense CRF)")
     args = ap.parse_args()
     if not args.root.is_dir():
         sys.exit(f"dataset not found: {args.root}")
@@ -137,6 +140,10 @@ def main() -> None:
         for r in range(1, params.rounds + 1):
             result, secs = _score_estimator(BootstrapEstimator(round_checkpoint(work, r)), images, gts)
             print(_row(f"{name} round {r} network", result, base) + f" | {secs * 1000:.0f} ms/img", flush=True)
+            if args.crf:
+                result, secs = _score_estimator(BootstrapEstimator(round_checkpoint(work, r), crf=True), images, gts)
+                print(_row(f"{name} round {r} network+crf", result, base) + f" | {secs * 1000:.0f} ms/img",
+                      flush=True)
             if r < params.rounds:
                 with np.load(round_labels(work, r)) as z:
                     print(_row(f"{name} round {r} labels", _score_maps(z["labels"], gts), base), flush=True)

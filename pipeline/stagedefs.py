@@ -56,6 +56,8 @@ def _masks_params(ctx: Context) -> Mapping[str, Any]:
         resolved = without_bookkeeping("masks.bootstrap",  # module defaults included
                                        dataclasses.asdict(_bootstrap_params(ctx.cfg)))
         resolved["init"] = _init_identity(resolved["init"], resolved["backbone"])
+        if not resolved["crf"]:  # left out: the versions made before it existed
+            del resolved["crf"]
         params["bootstrap"] = resolved
         if m.bootstrap.teacher == "priors":  # the teacher key is left out: the versions made before it existed
             params["priors"] = ctx.cfg.section("masks")["priors"]
@@ -105,7 +107,7 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
 
         teacher = cfg.masks.priors if m.bootstrap.teacher == "priors" else _features_estimator(cfg)
         checkpoint = fit_bootstrap(list(samples), teacher, _bootstrap_params(cfg), work_dir, progress=progress)
-        return BootstrapEstimator(checkpoint)
+        return BootstrapEstimator(checkpoint, crf=m.bootstrap.crf)
     if m.method == "priors":
         return stage.PriorsEstimator(cfg.masks.priors)
     if m.method == "features":

@@ -49,6 +49,7 @@ from torchvision.ops import roi_align
 from artifacts.atomic import atomic_path, atomic_write_json, sha256_file
 from stages.common.weights import resolve_init
 from stages.data import BadInputError, Sample, load_image
+from stages.masks.features import FeatureParams, crf_refine
 from stages.masks.priors import PriorParams, priors_saliency
 from stages.network.init import load_init
 from stages.network.backbones import BACKBONES, FREEZE_POINTS, build_backbone, frozen_modules
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "maskcontrast/bootstrap"
 CHECKPOINT_VERSION = 1
+BOOTSTRAP_CRF = FeatureParams().crf_params()  # masks.bootstrap.crf: the features estimator's CRF
 PROB_SCALE = 65535.0  # predictions held as uint16 during a fit
 FIT_FILE = "fit.json"
 SKIPPED_FILE = "skipped.json"
@@ -109,6 +111,9 @@ class BootstrapParams:
     freeze: with a pretrained ``init``, the backbone stage up to which the encoder is frozen (no
         gradients, BatchNorm in eval mode), one of ``stages.network.backbones.FREEZE_POINTS`` ("layer4":
         all of it), or "none". Ignored with a random init: there is nothing learnt to keep.
+    crf: the estimator snaps its maps to the image's colour edges with the ``features``
+        estimator's two-label dense CRF (its default settings, ``BOOTSTRAP_CRF``; ``crf_refine``),
+        as the teacher's maps are when the teacher is ``features``. Not part of the fit.
     seed: seeds the network initialisation, the batch order and the augmentations.
     num_workers: processes that compute the prior maps (0: in this process).
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
@@ -128,6 +133,7 @@ class BootstrapParams:
     crop_scale: float = 0.5
     decoder_channels: int = 64
     freeze: str = "layer2"
+    crf: bool = False
     seed: int = 0
     num_workers: int = 0
     device: str = "auto"
@@ -504,7 +510,9 @@ def _refine_all(labels: np.ndarray, raw: np.ndarray, threshold: float, ema: floa
 
 
 def _config(params: BootstrapParams, prior_params: Teacher) -> dict[str, Any]:
-    return {"params": asdict(params), "prior_params": teacher_config(prior_params)}
+    fields = asdict(params)
+    del fields["crf"]  # the estimator's post-processing, not the fit's
+    return {"params": fields, "prior_params": teacher_config(prior_params)}
 
 
 def _check_fit_file(work_dir: Path, config: dict[str, Any]) -> None:
@@ -628,18 +636,19 @@ class BootstrapEstimator:
 
     name = "bootstrap"
 
-    def __init__(self, checkpoint: Path, device: str = "cpu") -> None:
+    def __init__(self, checkpoint: Path, device: str = "cpu", crf: bool = False) -> None:
         self.checkpoint = Path(checkpoint)
         self.device = device
+        self.crf = crf
         self._net: SaliencyNet | None = None
         self._ckpt: dict | None = None
         self._sha256: str | None = None
 
     def __getstate__(self) -> dict:
-        return {"checkpoint": self.checkpoint, "device": self.device}
+        return {"checkpoint": self.checkpoint, "device": self.device, "crf": self.crf}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["checkpoint"], state["device"])
+        self.__init__(state["checkpoint"], state["device"], state.get("crf", False))
 
     def _load(self) -> SaliencyNet:
         if self._net is None:
@@ -660,7 +669,8 @@ class BootstrapEstimator:
             self._sha256 = sha256_file(self.checkpoint)
         config = self._ckpt["config"]
         return {"estimator": self.name, "checkpoint_sha256": self._sha256, "estimator_params": {
-            **config["params"], "round": self._ckpt["round"], "prior_params": config["prior_params"]}}
+            **config["params"], "round": self._ckpt["round"], "prior_params": config["prior_params"],
+            **({"crf": True} if self.crf else {})}}
 
     def __call__(self, img: np.ndarray, sample: Sample | None = None) -> np.ndarray:
         net = self._load()
@@ -671,5 +681,8 @@ class BootstrapEstimator:
         device = next(net.parameters()).device
         x = _normalise(torch.from_numpy(small[None]).to(device)).contiguous(memory_format=torch.channels_last)
         prob = calibrate(predict_tta(net, x)[0].cpu().numpy(), self._ckpt["threshold"])  # S x S
-        out = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        if self.crf:
+            out = crf_refine(img, prob, BOOTSTRAP_CRF, FeatureParams.crf_size)
+        else:
+            out = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
         return np.clip(out, 0.0, 1.0).astype(np.float32)

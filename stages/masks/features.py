@@ -218,11 +218,18 @@ def refine(image: np.ndarray, prob: np.ndarray, params: FeatureParams) -> np.nda
     h, w = image.shape[:2]
     if not params.crf or params.crf_iterations == 0:
         return cv2.resize(prob.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    scale = params.crf_size / max(h, w)
+    return crf_refine(image, prob, params.crf_params(), params.crf_size)
+
+
+def crf_refine(image: np.ndarray, prob: np.ndarray, crf: CRFParams, size: int) -> np.ndarray:
+    """A foreground map of any size (float (h, w) in [0, 1]) -> float32 (H, W) at ``image``'s size,
+    snapped to its colour edges by a two-label dense CRF run with the image's long side at ``size``."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
     ch, cw = max(1, round(h * scale)), max(1, round(w * scale))
     small = cv2.resize(image, (cw, ch), interpolation=cv2.INTER_AREA)
     p = np.clip(cv2.resize(prob.astype(np.float32), (cw, ch), interpolation=cv2.INTER_LINEAR), 1e-4, 1 - 1e-4)
-    q = dense_crf(np.ascontiguousarray(small), np.stack([1 - p, p]), params.crf_params())[1]
+    q = dense_crf(np.ascontiguousarray(small), np.stack([1 - p, p]), crf)[1]
     return cv2.resize(q.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 

@@ -288,3 +288,10 @@ def test_a_features_teacher_makes_another_bootstrap_version(tmp_path):
     features = planned_versions("configs/demo.yaml", tmp_path, ("masks.method=bootstrap",
                                                                "masks.bootstrap.teacher=features"))
     assert priors == PINNED["configs/demo.yaml+bootstrap"] and features["masks"] != priors["masks"]
+
+
+def test_bootstrap_crf_names_a_new_mask_version_only_when_on(tmp_path):
+    on = planned_versions("configs/demo.yaml", tmp_path, ("masks.method=bootstrap", "masks.bootstrap.crf=true"))
+    off = planned_versions("configs/demo.yaml", tmp_path, ("masks.method=bootstrap", "masks.bootstrap.crf=false"))
+    assert off == PINNED["configs/demo.yaml+bootstrap"]
+    assert on["masks"] != off["masks"]

@@ -245,3 +245,30 @@ def test_a_teacher_estimator_gives_the_first_pseudo_labels(samples, tmp_path):
 
 def test_the_priors_teacher_keeps_its_cache_name_and_fit_file():
     assert bs.teacher_config(PRIORS) == dataclasses.asdict(PRIORS)  # fits made before teachers existed resume
+
+
+def test_crf_option_snaps_the_map_to_the_images_edges_and_travels_in_the_pickle(samples, fitted):
+    ckpt = round_checkpoint(fitted, 2)
+    img = _disk_image(np.random.default_rng(7), 48, 64)
+    plain, snapped = BootstrapEstimator(ckpt), BootstrapEstimator(ckpt, crf=True)
+    a, b = plain(img), snapped(img)
+    assert b.shape == a.shape and b.dtype == np.float32 and 0.0 <= b.min() and b.max() <= 1.0
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(b, bs.crf_refine(img, _network_map(plain, img), bs.BOOTSTRAP_CRF, 256), atol=1e-6)
+    assert snapped.describe()["estimator_params"]["crf"] is True and "crf" not in plain.describe()["estimator_params"]
+    clone = pickle.loads(pickle.dumps(snapped))
+    np.testing.assert_array_equal(clone(img), b)
+
+
+def _network_map(est: BootstrapEstimator, img: np.ndarray) -> np.ndarray:
+    """The calibrated S x S map the estimator resizes (or refines) to the image."""
+    net = est._load()
+    x = bs._normalise(torch.from_numpy(bs.resize_square(img, est._ckpt["input_size"])[None]))
+    return bs.calibrate(bs.predict_tta(net, x.contiguous(memory_format=torch.channels_last))[0].numpy(),
+                        est._ckpt["threshold"])
+
+
+def test_crf_is_not_part_of_the_fit(samples, fitted):
+    # the same work_dir serves both: the option only post-processes the estimator's maps
+    assert fit_bootstrap(samples, PRIORS, replace(TWO_ROUNDS, crf=True), fitted, progress=False) == \
+        round_checkpoint(fitted, 2)
