@@ -151,20 +151,14 @@ def run(state: State, start, stop, force, scheduler):
 
     Complete stages are skipped, partial ones continued; stages before --from are only read.
     """
-    from pipeline.graph import ORDER, plan
-    from pipeline.runner import run_one
+    from pipeline.graph import ORDER
+    from pipeline.runner import run_stages
     from pipeline.stagedefs import default_target
 
     ctx = state.context(scheduler=scheduler)
     try:
         target = stop or default_target(ctx)
-        planned = plan(ctx, (target,))
-        lo = ORDER.index(start) if start else 0
-        results = []
-        for name, p in planned.items():
-            if ORDER.index(name) < lo:
-                continue
-            results.append(run_one(ctx, p, force=force))
+        results = run_stages(ctx, (target,), start=start, force_stages=ORDER if force else ())
     finally:
         ctx.close()
     if not results:

@@ -56,13 +56,13 @@ def code_version() -> str:
         return "unknown"
 
 
-def run_stages(ctx: Context, targets: tuple[str, ...], *, force_stages: tuple[str, ...] = ()) -> list[StageResult]:
-    """Run ``targets`` (and, when missing, what they need) in pipeline order."""
+def run_stages(ctx: Context, targets: tuple[str, ...], *, force_stages: tuple[str, ...] = (),
+               start: str | None = None) -> list[StageResult]:
+    """Run ``targets`` (and, when missing, what they need) in pipeline order. Stages before
+    ``start`` are only read (they must be complete); those in ``force_stages`` are recomputed."""
     planned = plan(ctx, targets)
-    results = []
-    for name, p in planned.items():
-        results.append(run_one(ctx, p, force=name in force_stages))
-    return results
+    lo = ORDER.index(start) if start else 0
+    return [run_one(ctx, p, force=name in force_stages) for name, p in planned.items() if ORDER.index(name) >= lo]
 
 
 def _rank() -> tuple[int, int]:
