@@ -45,7 +45,7 @@ class State:
     def context(self, *, need_data: bool = True, scheduler: str | None = None):
         from artifacts.store import Store
         from pipeline.config import check_paths
-        from pipeline.graph import Context
+        from pipeline.context import Context
         from pipeline.runner import code_version
 
         cfg = self.cfg()
@@ -298,7 +298,7 @@ def _compare_models(ctx, train_refs: list[str], *, retries: int, force: bool) ->
     ``force`` recomputes the comparison only."""
     from artifacts.store import COMPLETE
     from pipeline.runner import StageFailed, run_one
-    from pipeline.stagedefs import ComparisonIncomplete, compare_plan
+    from pipeline.compare import ComparisonIncomplete, compare_plan
 
     extracts, compare = compare_plan(ctx, train_refs, retries=retries)
     results, seen = [], set()

@@ -22,7 +22,8 @@ from pathlib import Path
 from artifacts.checkpoints import list_checkpoints
 from artifacts.lock import LockError
 from artifacts.store import COMPLETE, RUNNING, Store, dir_size
-from pipeline.graph import Context, plan
+from pipeline.context import Context
+from pipeline.graph import plan
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from artifacts.atomic import sha256_file
 from artifacts.store import ArtifactWriter
 from pipeline.config import Config
 from pipeline.configtypes import ConfigError
-from pipeline.graph import Context, Planned, StageDef, register
+from pipeline.context import Context, StageDef
 from stages.network.compute import resolved_compute
 from stages.versions import ALGORITHM_VERSIONS
-
-if TYPE_CHECKING:
-    from stages.evaluate.batch import Job
 
 log = logging.getLogger("maskcontrast")
 
@@ -165,7 +162,7 @@ def _describe_masks(manifest: Mapping[str, Any]) -> str:
     return text
 
 
-register(StageDef(
+MASKS = StageDef(
     name="masks",
     schema_version=1,
     algorithm_version=ALGORITHM_VERSIONS["masks"],
@@ -174,7 +171,7 @@ register(StageDef(
     params=_masks_params,
     run=_run_masks,
     describe=_describe_masks,
-))
+)
 
 
 
@@ -218,7 +215,7 @@ def _describe_train(manifest: Mapping[str, Any]) -> str:
     return text
 
 
-register(StageDef(
+TRAIN = StageDef(
     name="train",
     schema_version=1,
     algorithm_version=ALGORITHM_VERSIONS["train"],
@@ -227,7 +224,7 @@ register(StageDef(
     params=_train_params,
     run=_run_train,
     describe=_describe_train,
-))
+)
 
 
 # -- extract -----------------------------------------------------------------------------------------------
@@ -303,7 +300,7 @@ def _describe_extract(manifest: Mapping[str, Any]) -> str:
     return ", ".join(f"{split}: {s.get(f'{split}.n_images')} images" for split in s.get("splits", []))
 
 
-register(StageDef(
+EXTRACT = StageDef(
     name="extract",
     schema_version=1,
     algorithm_version=ALGORITHM_VERSIONS["extract"],
@@ -312,7 +309,7 @@ register(StageDef(
     params=_extract_params,
     run=_run_extract,
     describe=_describe_extract,
-))
+)
 
 
 # -- clusters ----------------------------------------------------------------------------------------------
@@ -334,10 +331,8 @@ def pipeline_stages(ctx: Context) -> tuple[str, ...]:
     labels (``clusters`` too: it needs none, and a clusters artifact made beside an evaluation is in
     use), all but ``evaluate`` without (scoring needs ground truth; ``run`` ends at ``clusters``).
     What ``gc`` keeps: any other planning error stays an error, so gc never deletes on a bad config."""
-    from pipeline.graph import available
-
     ctx.resolve_splits()
-    return tuple(s for s in available() if s != "evaluate" or labelled(ctx))
+    return tuple(d.name for d in DEFINITIONS if d.name != "evaluate" or labelled(ctx))
 
 
 def _cluster_names(ctx: Context) -> dict[int, str]:
@@ -392,7 +387,7 @@ def _describe_clusters(manifest: Mapping[str, Any]) -> str:
     return text
 
 
-register(StageDef(
+CLUSTERS = StageDef(
     name="clusters",
     schema_version=1,
     algorithm_version=ALGORITHM_VERSIONS["clusters"],
@@ -401,7 +396,7 @@ register(StageDef(
     params=_clusters_params,
     run=_run_clusters,
     describe=_describe_clusters,
-))
+)
 
 
 # -- evaluate ----------------------------------------------------------------------------------------------
@@ -532,7 +527,7 @@ def _describe_evaluate(manifest: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in s.items())
 
 
-register(StageDef(
+EVALUATE = StageDef(
     name="evaluate",
     schema_version=1,
     algorithm_version=ALGORITHM_VERSIONS["evaluate"],
@@ -541,137 +536,8 @@ register(StageDef(
     params=_evaluate_params,
     run=_run_evaluate,
     describe=_describe_evaluate,
-))
+)
 
 
-# -- compare: batch evaluation of several models -----------------------------------------------------------
-# Not registered in STAGES: its inputs are the models named on the command line
-# (`maskcontrast evaluate --model train/V1 --model train/V2`), not a fixed upstream stage.
-COMPARE = "compare"
-
-
-def compare_protocols(cfg: Config) -> tuple[str, ...]:
-    """The batch protocols of ``evaluate.protocols``: saliency scores the masks, not a model, so it
-    is left out; the pixel-level K-means variant joins when ``evaluate.kmeans.pixel`` asks."""
-    protocols = [p for p in cfg.evaluate.protocols if p != "saliency"]
-    if "kmeans" in protocols and cfg.evaluate.kmeans.pixel:
-        protocols.insert(protocols.index("kmeans") + 1, "pixel_kmeans")
-    return tuple(protocols)
-
-
-def _compare_runner_params(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Per protocol, the runner arguments the configuration sets (JSON values: they enter job keys)."""
-    ev = cfg.evaluate
-    k, lc = ev.kmeans, ev.linear
-    subset = ev.retrieval.class_subset
-    return {
-        "kmeans": {"n_clusters": k.n_clusters, "pca_dim": k.pca_dim, "n_init": k.n_init},
-        "pixel_kmeans": {"n_clusters": k.pixel_clusters, "matching": k.pixel_matching},
-        "retrieval": {"class_subset": None if subset is None else list(subset)},
-        "linear": {"epochs": lc.epochs, "lr": lc.lr, "lr_drop_epoch": lc.lr_drop_epoch, "momentum": lc.momentum,
-                   "weight_decay": lc.weight_decay, "batch_size": lc.batch_size,
-                   **({"crf": True} if lc.crf else {})},  # absent when off: the job keys made before it
-    }
-
-
-def _compare_params(ctx: Context) -> Mapping[str, Any]:
-    cfg = ctx.cfg
-    protocols = compare_protocols(cfg)
-    runner = _compare_runner_params(cfg)
-    seeded = bool({"kmeans", "pixel_kmeans", "linear"} & set(protocols))  # retrieval has no seed
-    params = {"protocols": list(protocols), "seeds": list(cfg.evaluate.seeds) if seeded else [],
-              "runner": {p: runner[p] for p in protocols},
-              "labels": {s: ctx.data_identity(s) for s in _extract_splits(ctx)}}
-    bank = retrieval_bank_split(ctx)
-    if bank is not None:  # absent for the train split: the versions made before the key existed
-        params["bank_split"] = bank
-    return params
-
-
-def compare_jobs(ctx: Context, extracts: Mapping[str, Any]) -> list[Job]:
-    """The (model x protocol x seed) jobs of ``extracts`` (model name -> its extract artifact, an
-    object with ``.path``). Paths are absolute: dask workers read them from a shared filesystem."""
-    from stages.evaluate.batch import jobs_for
-
-    cfg = ctx.cfg
-    protocols = compare_protocols(cfg)
-    runner = _compare_runner_params(cfg)
-    val, train = cfg.data.val_split, cfg.data.train_split
-    bank = retrieval_bank_split(ctx)
-    needs_train = "linear" in protocols or ("retrieval" in protocols and bank is None)
-    root = Path(cfg.data.root).resolve()
-    jobs = []
-    for model, info in extracts.items():
-        emb = Path(info.path).resolve()
-        jobs += jobs_for(model, root, val_store=emb / val, train_store=emb / train if needs_train else None,
-                         bank_store=None if bank is None else emb / bank, protocols=protocols,
-                         seeds=cfg.evaluate.seeds, val_split=val, train_split=train, bank_split=bank,
-                         dataset_layout=ctx.dataset.layout, params={p: runner[p] for p in protocols})
-    return jobs
-
-
-class ComparisonIncomplete(RuntimeError):
-    """Some jobs of a comparison still failed after their retries. The artifact is left incomplete
-    (its manifest says ``failed`` and lists them); the table of what finished is written, and a
-    rerun of the same command retries only the failed jobs."""
-
-    def __init__(self, failed: Sequence[Mapping[str, Any]], n_jobs: int, table: Path):
-        self.failed, self.n_jobs, self.table = list(failed), n_jobs, table
-        listed = "; ".join(f"{j['model']} {j['protocol']}"
-                           f"{'' if j['seed'] is None else ' seed ' + str(j['seed'])}: {str(j['error'])[:300]}"
-                           for j in self.failed)
-        super().__init__(f"{len(self.failed)} of {n_jobs} jobs failed, so the comparison is not complete "
-                         f"(rerun the same command to retry only these; table so far: {table}): {listed}")
-
-
-def _run_compare(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any], *, retries: int) -> Mapping[str, Any]:
-    from stages.evaluate.batch import run_batch
-
-    jobs = compare_jobs(ctx, inputs)
-    writer.update(retries=retries)
-    writer.set_progress(0, len(jobs), "jobs")
-    # a continued (interrupted or failed) batch reuses the jobs that finished; --force clears them first
-    table = run_batch(jobs, ctx.dask_client(), writer.path, retries=retries, progress=not ctx.quiet, resume=True,
-                      on_job=lambda done, total: writer.set_progress(done, total, "jobs"))
-    failed = [j for j in table["jobs"] if j["status"] != "ok"]
-    if failed:
-        writer.update(failed_jobs=[{k: j[k] for k in ("key", "model", "protocol", "seed", "error")} for j in failed])
-        raise ComparisonIncomplete(failed, len(jobs), writer.path / "comparison.md")
-    return {"n_models": len(inputs), "n_jobs": len(jobs), "n_failed": 0}
-
-
-def _describe_compare(manifest: Mapping[str, Any]) -> str:
-    s = manifest.get("summary") or {}
-    return f"{s.get('n_models')} models, {s.get('n_jobs')} jobs, {s.get('n_failed')} failed" if s else ""
-
-
-def compare_plan(ctx: Context, train_refs: Sequence[str], *, retries: int = 1
-                 ) -> tuple[dict[str, dict[str, Planned]], Planned]:
-    """Plan a comparison of the train artifacts ``train_refs`` (complete refs, ``train/VERSION``).
-
-    Returns, per model, the stages that make its extract artifact (``plan`` with the train stage
-    pinned to the model, so an extract made by ``maskcontrast extract`` for the configured model
-    is the same version and is reused), and the ``compare`` artifact, whose version is a hash of
-    the evaluation parameters and the models' extract versions (sorted by model, so the order
-    of ``--model`` options does not matter). ``retries`` only decides how often a failing job is
-    tried; it does not enter the version.
-    """
-    from functools import partial
-
-    from artifacts.store import ArtifactSpec
-    from pipeline.graph import plan
-
-    if not compare_protocols(ctx.cfg):
-        raise ConfigError("comparing models needs a protocol other than saliency (which scores the masks, "
-                          f"not a model); got {list(ctx.cfg.evaluate.protocols)}", "evaluate.protocols")
-    models = sorted(set(train_refs))
-    extracts = {model: plan(ctx, ("extract",), pinned={"train": model}) for model in models}
-    definition = StageDef(
-        name=COMPARE, schema_version=1, algorithm_version=ALGORITHM_VERSIONS[COMPARE],
-        help="Batch evaluation: (model x protocol x seed) jobs on dask, one comparison table.",
-        needs=lambda cfg: (), params=_compare_params, run=partial(_run_compare, retries=retries),
-        describe=_describe_compare)
-    inputs = {model: stages["extract"].spec.ref for model, stages in extracts.items()}
-    spec = ArtifactSpec(COMPARE, definition.schema_version, dict(_compare_params(ctx)), inputs,
-                        definition.algorithm_version)
-    return extracts, Planned(definition, spec)
+#: The stages, in pipeline order.
+DEFINITIONS = (MASKS, TRAIN, EXTRACT, CLUSTERS, EVALUATE)

@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 from artifacts.inspect import human_bytes
 from artifacts.store import COMPLETE, ArtifactInfo
-from pipeline.graph import Context, Planned
+from pipeline.context import Context, Planned
 
 
 def _progress_text(info: ArtifactInfo) -> str:

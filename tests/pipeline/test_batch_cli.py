@@ -23,7 +23,7 @@ from artifacts.embeddings import EmbeddingRecord, shard_name, write_embedding_sh
 from artifacts.store import ArtifactSpec
 from pipeline.cli import State, cli
 from pipeline.graph import plan
-from pipeline.stagedefs import compare_plan
+from pipeline.compare import compare_plan
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["background", "alpha", "beta", "gamma"]

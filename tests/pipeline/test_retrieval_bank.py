@@ -20,7 +20,7 @@ from artifacts.embeddings import EmbeddingRecord, shard_name, write_embedding_sh
 from artifacts.store import ArtifactSpec
 from pipeline.cli import State, cli
 from pipeline.graph import plan
-from pipeline.stagedefs import compare_jobs, compare_plan
+from pipeline.compare import compare_jobs, compare_plan
 
 CLASSES = ["background", "alpha", "beta", "gamma"]
 SPLITS = {"train": 6, "bank": 3, "val": 6}
