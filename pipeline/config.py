@@ -11,21 +11,22 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
-from pipeline.configtypes import ConfigError, build, in_range, non_empty, opt, to_plain
+from pipeline.configtypes import ConfigError, build, in_range, opt, to_plain
 from stages.bookkeeping import HASHED_AS, is_bookkeeping
+from stages.clusters.params import ClusterParams
 from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_weights
 from stages.data.io import DEFAULT_MAX_PIXELS
+from stages.evaluate.params import VOC_SEEDS, EvaluateParams  # noqa: F401  (VOC_SEEDS: the presets' seeds)
 from stages.extract.params import ExtractParams
 from stages.masks.params import OnnxParams, PriorParams
 from stages.params import at_default_since
 from stages.train.params import TrainParams
 
 DEFAULT_CONFIG = "pipeline.yaml"
-VOC_SEEDS = (1234, 1235, 1236, 1237, 1238)
 
 
 def _split_name(v):
@@ -114,65 +115,6 @@ class MasksConfig:
 
 
 @dataclass(frozen=True)
-class KMeansConfig:
-    n_clusters: Optional[int] = opt(None, doc="default: number of foreground classes", check=in_range(1))
-    pca_dim: int = opt(32, doc="PCA-whitening dimension of the prototypes", check=in_range(1))
-    n_init: int = opt(3, doc="k-means++ restarts per seed (lowest inertia kept)", check=in_range(1))
-    pixel: bool = opt(False, doc="also run pixel-level K-means on the stored features (plain backbones)")
-    pixel_matching: Literal["hungarian", "majority"] = opt("hungarian", doc="matching of the pixel variant")
-    pixel_clusters: Optional[int] = opt(None, doc="pixel variant k (over-clustering); default: number of classes",
-                                        check=in_range(1))
-
-
-@dataclass(frozen=True)
-class LinearConfig:
-    epochs: int = opt(60, check=in_range(1))
-    lr: float = opt(0.1, check=in_range(0.0, lo_open=True))
-    lr_drop_epoch: int = opt(25, check=in_range(0))
-    momentum: float = opt(0.9, check=in_range(0.0, 1.0))
-    weight_decay: float = opt(1e-4, check=in_range(0.0))
-    batch_size: int = opt(16, check=in_range(1))
-    # dense CRF (the reference's parameters, stages/evaluate/crf.py) on the last epoch's val
-    # predictions; while false the key stays out of the evaluate parameters, so the versions made
-    # before it existed are unchanged
-    crf: bool = opt(False, doc="also score val after dense-CRF post-processing (the paper's linear + CRF column)")
-
-
-@dataclass(frozen=True)
-class RetrievalConfig:
-    class_subset: Optional[tuple[str, ...]] = opt(None, doc="extra mIoU on these classes only (others ignored)")
-    bank_split: Optional[str] = opt(None, doc="split of the memory bank (the reference: VOC train); null = data.train_split",
-                                    check=lambda v: _split_name(v) if v is not None else None)
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    protocols: tuple[Literal["kmeans", "linear", "retrieval", "saliency"], ...] = opt(
-        ("kmeans", "linear", "retrieval"), doc="evaluation protocols to run", check=non_empty)
-    seeds: tuple[int, ...] = opt(VOC_SEEDS, doc="seeds of the K-means and linear protocols", check=non_empty)
-    kmeans: KMeansConfig = opt(default_factory=KMeansConfig)
-    linear: LinearConfig = opt(default_factory=LinearConfig)
-    retrieval: RetrievalConfig = opt(default_factory=RetrievalConfig)
-
-
-def _k(v):
-    return None if v == "auto" or (isinstance(v, int) and v >= 1) else f"must be an integer >= 1 or 'auto', got {v!r}"
-
-
-@dataclass(frozen=True)
-class ClustersConfig:
-    """The label-free clusters stage (after extract): K-means on the val split's prototypes."""
-    k: Union[int, Literal["auto"]] = opt("auto", doc="number of clusters, or 'auto': the best mean silhouette over [2, k_max]",
-                                         check=_k)
-    k_max: int = opt(20, doc="largest k tried by k: auto", check=in_range(2))
-    pca_dim: Optional[int] = opt(None, doc="PCA-whitening dimension; null: min(32, images // 6)", check=in_range(1))
-    n_init: int = opt(10, doc="k-means++ restarts (lowest inertia kept)", check=in_range(1))
-    seed: int = opt(1234, doc="k-means seed")
-    sheet_size: int = opt(12, doc="images on each cluster's contact sheet (nearest its centroid)", check=in_range(1))
-    names: Optional[Path] = opt(None, doc="names file: one 'cluster id: name' per line (ids from 0)")
-
-
-@dataclass(frozen=True)
 class DaskConfig:
     scheduler: Optional[str] = opt(None, doc="tcp://host:port of a dask scheduler; null = a local cluster")
     n_workers: int = opt(0, doc="local cluster workers; 0 = one per core", check=in_range(0))
@@ -185,8 +127,8 @@ class Config:
     masks: MasksConfig = opt(default_factory=MasksConfig)
     train: TrainParams = opt(default_factory=TrainParams)
     extract: ExtractParams = opt(default_factory=ExtractParams)
-    evaluate: EvaluateConfig = opt(default_factory=EvaluateConfig)
-    clusters: ClustersConfig = opt(default_factory=ClustersConfig)
+    evaluate: EvaluateParams = opt(default_factory=EvaluateParams)
+    clusters: ClusterParams = opt(default_factory=ClusterParams)
     dask: DaskConfig = opt(default_factory=DaskConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -360,15 +360,12 @@ def _clusters_params(ctx: Context) -> Mapping[str, Any]:
 
 
 def _run_clusters(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from stages.clusters import ClusterParams, make_clusters
+    from stages.clusters import make_clusters
 
     cfg = ctx.cfg
-    c = cfg.clusters
     split = cfg.data.val_split
-    params = ClusterParams(k=None if c.k == "auto" else int(c.k), k_max=c.k_max, pca_dim=c.pca_dim,
-                           n_init=c.n_init, seed=c.seed, sheet_size=c.sheet_size, names=_cluster_names(ctx) or None)
-    summary = make_clusters(inputs["extract"].path / split, ctx.dataset.samples(split), writer.path, params,
-                            progress=not ctx.quiet,
+    summary = make_clusters(inputs["extract"].path / split, ctx.dataset.samples(split), writer.path, cfg.clusters,
+                            names=_cluster_names(ctx) or None, progress=not ctx.quiet,
                             on_image=lambda done, total: writer.set_progress(done, total, "images")
                             if done % 50 == 0 or done == total else None)
     if summary.get("n_skipped"):

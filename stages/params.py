@@ -68,7 +68,7 @@ def _choices(cls: type) -> dict[str, tuple[tuple, bool]]:
         inner = get_args(tp)[0] if many and get_args(tp) else tp
         options = get_args(inner) if get_origin(inner) in (Union, types.UnionType) else (inner,)
         literal = [a for a in options if get_origin(a) is Literal]
-        if literal:
+        if literal and all(get_origin(a) is Literal or a is type(None) for a in options):  # Literal choices only
             allowed = tuple(v for a in literal for v in get_args(a))
             if type(None) in options:
                 allowed += (None,)

@@ -352,7 +352,7 @@ class KMeansProtocol:
 
     def whiten(self, prototypes: np.ndarray) -> tuple[np.ndarray, PCAWhitening | None]:
         """The space the protocol clusters in: prototypes (N, D) -> (z (N, d) float32, the PCA fit or
-        None without whitening). Shared with the label-free clusters stage (stages/clusters.py)."""
+        None without whitening). Shared with the label-free clusters stage (stages/clusters/)."""
         prototypes = np.asarray(prototypes)
         if self.pca_dim is None:
             return prototypes.astype(np.float32), None

@@ -145,9 +145,8 @@ def test_given_k_is_the_protocols_partition_and_names_apply(tmp_path):
     """One code path: the stage's partition is KMeansProtocol's on the same prototypes and seed."""
     store, samples, _ = _store(tmp_path, n=24)
     out = tmp_path / "clusters"
-    summary = make_clusters(store, samples, out, ClusterParams(k=4, pca_dim=4, n_init=3, seed=9,
-                                                               names={0: "left", 3: "left", 1: "right"}),
-                            progress=False)
+    summary = make_clusters(store, samples, out, ClusterParams(k=4, pca_dim=4, n_init=3, seed=9),
+                            names={0: "left", 3: "left", 1: "right"}, progress=False)
     assert summary["k"] == 4 and summary["k_rule"] == "given" and not (out / "k_selection.png").exists()
     from artifacts.embeddings import EmbeddingStore
 
@@ -163,7 +162,8 @@ def test_given_k_is_the_protocols_partition_and_names_apply(tmp_path):
     assert model["per_seed"][0]["mapping"] == [0, 1, 2, 3, 1]
     assert model["cluster_names"] == {"0": "left", "1": "right", "3": "left"}
     with pytest.raises(NamesError, match="names cluster 7"):
-        make_clusters(store, samples, tmp_path / "again", ClusterParams(k=4, names={7: "sky"}), progress=False)
+        make_clusters(store, samples, tmp_path / "again", ClusterParams(k=4), names={7: "sky"},
+                      progress=False)
 
 
 def test_auto_k_at_the_top_of_the_range_says_so(tmp_path):

@@ -9,7 +9,7 @@ inertia kept), without the scoring: on the same prototypes, k and seed it makes 
 partition, so matched to labels afterwards it scores what the protocol scores.
 
 ``k`` is given, or chosen by :func:`stages.evaluate.kmeans.choose_k` (the highest mean silhouette
-of the whitened prototypes over [k_min, k_max]; the curve is drawn).
+of the whitened prototypes over [2 (``K_MIN``), k_max]; the curve is drawn).
 
 An image without a salient pixel (``valid`` false, a zero prototype) is left out of the
 clustering: in the whitened space its zero prototype is an outlier that takes a cluster of its
@@ -41,7 +41,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from PIL import Image, ImageDraw
 
 from artifacts.atomic import atomic_path, atomic_write_json, atomic_write_text
 from artifacts.embeddings import EmbeddingStore
+from stages.clusters.params import K_MIN, ClusterParams
 from stages.data import BadInputError, Sample, load_image
 from stages.evaluate.figures import cluster_sizes_png, k_selection_png
 from stages.evaluate.kmeans import KMeansError, KMeansProtocol, assign, choose_k
@@ -134,23 +134,6 @@ def apply_names(k: int, names: Mapping[int, str] | None) -> tuple[list[int], lis
 # ----------------------------------------------------------------------------- the stage
 
 
-@dataclass(frozen=True)
-class ClusterParams:
-    """k: the number of clusters, or None for the automatic choice over [k_min, k_max].
-    pca_dim: whitening directions; None: min(32, n_images // 6) (the K-means report's rule for
-    enough prototypes per direction)."""
-
-    k: int | None = None
-    k_min: int = 2
-    k_max: int = 20
-    pca_dim: int | None = None
-    n_init: int = 10
-    seed: int = 1234
-    sheet_size: int = 12
-    names: Mapping[int, str] | None = None
-    use_gpu: bool = False
-
-
 def default_pca_dim(n_images: int) -> int:
     return max(1, min(32, n_images // 6))
 
@@ -194,11 +177,13 @@ def _write_csv(path: Path, rows: Sequence[Sequence[Any]]) -> None:
 
 
 def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_dir: str | os.PathLike,
-                  params: ClusterParams = ClusterParams(), *, progress: bool = True,
+                  params: ClusterParams = ClusterParams(), *, names: Mapping[int, str] | None = None,
+                  use_gpu: bool = False, progress: bool = True,
                   on_image: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Cluster the prototypes of the embedding store ``store_dir`` (one split of an extract
     artifact) for the images ``samples`` (the split, for image paths and the skipped list) and
-    write the artifact's files into ``out_dir``. Returns the summary for the manifest."""
+    write the artifact's files into ``out_dir``. ``names``: the clusters' names (the content of
+    ``params.names``, read by :func:`read_names`). Returns the summary for the manifest."""
     from tqdm import tqdm
 
     store_dir, out = Path(store_dir), Path(out_dir)
@@ -224,9 +209,9 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
     except KMeansError as exc:
         raise ClustersError(f"{store_dir}: {exc}") from None
     selection = None
-    if params.k is None:
+    if params.k == "auto":
         try:
-            selection = choose_k(z, params.k_min, params.k_max, params.seed, params.n_init, use_gpu=params.use_gpu)
+            selection = choose_k(z, K_MIN, params.k_max, params.seed, params.n_init, use_gpu=use_gpu)
         except KMeansError as exc:
             raise ClustersError(f"{store_dir}: automatic k: {exc}") from None
         k = selection.k
@@ -236,20 +221,20 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
             raise ClustersError(f"{store_dir}: {k} clusters need at least {k} images with a salient region; "
                                 f"there are {n_valid}")
     protocol = KMeansProtocol(n_clusters=k, seeds=(params.seed,), pca_dim=pca_dim, n_init=params.n_init,
-                              use_gpu=params.use_gpu)
+                              use_gpu=use_gpu)
     fit = protocol.fit(z, params.seed)
     cluster = np.full(n, -1, np.int64)  # -1: no salient region, not clustered
     cluster[valid] = fit.assignment
     dist = np.full(n, np.nan)
     dist[valid] = np.linalg.norm(z - fit.centroids[fit.assignment], axis=1)
-    mapping, class_names = apply_names(k, params.names)
+    mapping, class_names = apply_names(k, names)
     cluster_class = [class_names[mapping[c + 1]] for c in range(k)]
     sizes = np.bincount(fit.assignment, minlength=k)
 
     report_model = {"protocol": "object", "n_clusters": k, "pca": None if pca is None else pca.to_dict(),
                     "per_seed": [{"seed": int(params.seed), "centroids": fit.centroids.tolist(), "mapping": mapping}]}
     extra: dict[str, Any] = {"embedding_dim": int(protos.shape[1]), "source": "clusters",
-                             "cluster_names": {str(c): n for c, n in sorted((params.names or {}).items())}}
+                             "cluster_names": {str(c): n for c, n in sorted((names or {}).items())}}
     if selection is not None:
         extra["k_selection"] = selection._asdict()
     atomic_write_json(out / KMEANS_MODEL_FILE, kmeans_model_dict(report_model, "object", class_names, store, extra))
@@ -261,7 +246,7 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
 
     # pictures a person looks at: sizes, legend, the k curve, one contact sheet per cluster
     pal = _colours(len(class_names))
-    cluster_sizes_png(sizes, [f"{c}: {cluster_class[c]}" if params.names and c in params.names else str(c)
+    cluster_sizes_png(sizes, [f"{c}: {cluster_class[c]}" if names and c in names else str(c)
                               for c in range(k)],
                       pal[[mapping[c + 1] for c in range(k)]], out / "cluster_sizes.png",
                       title=f"images per cluster (k = {k}, {n_valid} images with a salient region)")

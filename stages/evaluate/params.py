@@ -1,0 +1,73 @@
+"""The evaluate stage's parameters (the ``evaluate`` section of ``pipeline.yaml``), declared once.
+
+``protocols`` run in the given order; ``seeds`` are the K-means seeds (one run each) and the
+linear probe's seed (the first). Each protocol's own keys are a sub-section (``kmeans``,
+``linear``, ``retrieval``). Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from stages.params import check_fields, in_range, non_empty, opt
+
+#: The reference's five seeds (VOC, Table 2 of the paper).
+VOC_SEEDS = (1234, 1235, 1236, 1237, 1238)
+
+
+def _split_name(v):
+    return "must be a split name or 'all'" if v is not None and (not v or "/" in v) else None
+
+
+@dataclass(frozen=True)
+class KMeansParams:
+    n_clusters: Optional[int] = opt(None, doc="default: number of foreground classes", check=in_range(1))
+    pca_dim: int = opt(32, doc="PCA-whitening dimension of the prototypes", check=in_range(1))
+    n_init: int = opt(3, doc="k-means++ restarts per seed (lowest inertia kept)", check=in_range(1))
+    pixel: bool = opt(False, doc="also run pixel-level K-means on the stored features (plain backbones)")
+    pixel_matching: Literal["hungarian", "majority"] = opt("hungarian", doc="matching of the pixel variant")
+    pixel_clusters: Optional[int] = opt(None, doc="pixel variant k (over-clustering); default: number of classes",
+                                        check=in_range(1))
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class LinearParams:
+    epochs: int = opt(60, doc="epochs of the linear probe (1x1 convolution on the frozen features)", check=in_range(1))
+    lr: float = opt(0.1, doc="SGD learning rate", check=in_range(0.0, lo_open=True))
+    lr_drop_epoch: int = opt(25, doc="epoch where the learning rate drops tenfold", check=in_range(0))
+    momentum: float = opt(0.9, doc="SGD momentum", check=in_range(0.0, 1.0))
+    weight_decay: float = opt(1e-4, doc="SGD weight decay", check=in_range(0.0))
+    batch_size: int = opt(16, doc="images per step", check=in_range(1))
+    # dense CRF (the reference's parameters, stages/evaluate/crf.py) on the last epoch's val
+    # predictions; while false the key stays out of the evaluate parameters, so the versions made
+    # before it existed are unchanged
+    crf: bool = opt(False, doc="also score val after dense-CRF post-processing (the paper's linear + CRF column)")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class RetrievalParams:
+    class_subset: Optional[tuple[str, ...]] = opt(None, doc="extra mIoU on these classes only (others ignored)")
+    bank_split: Optional[str] = opt(None, doc="split of the memory bank (the reference: VOC train); null = data.train_split",
+                                    check=_split_name)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    protocols: tuple[Literal["kmeans", "linear", "retrieval", "saliency"], ...] = opt(
+        ("kmeans", "linear", "retrieval"), doc="evaluation protocols to run", check=non_empty)
+    seeds: tuple[int, ...] = opt(VOC_SEEDS, doc="seeds of the K-means and linear protocols", check=non_empty)
+    kmeans: KMeansParams = opt(default_factory=KMeansParams)
+    linear: LinearParams = opt(default_factory=LinearParams)
+    retrieval: RetrievalParams = opt(default_factory=RetrievalParams)
+
+    def __post_init__(self):
+        check_fields(self)
