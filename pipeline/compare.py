@@ -17,6 +17,7 @@ from pipeline.configtypes import ConfigError
 from pipeline.context import Context, Planned, StageDef
 from pipeline.graph import plan
 from pipeline.stagedefs import _extract_splits, retrieval_bank_split
+from stages.evaluate.params import protocol_options
 from stages.versions import ALGORITHM_VERSIONS
 
 if TYPE_CHECKING:
@@ -34,25 +35,10 @@ def compare_protocols(cfg: Config) -> tuple[str, ...]:
     return tuple(protocols)
 
 
-def _compare_runner_params(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Per protocol, the runner arguments the configuration sets (JSON values: they enter job keys)."""
-    ev = cfg.evaluate
-    k, lc = ev.kmeans, ev.linear
-    subset = ev.retrieval.class_subset
-    return {
-        "kmeans": {"n_clusters": k.n_clusters, "pca_dim": k.pca_dim, "n_init": k.n_init},
-        "pixel_kmeans": {"n_clusters": k.pixel_clusters, "matching": k.pixel_matching},
-        "retrieval": {"class_subset": None if subset is None else list(subset)},
-        "linear": {"epochs": lc.epochs, "lr": lc.lr, "lr_drop_epoch": lc.lr_drop_epoch, "momentum": lc.momentum,
-                   "weight_decay": lc.weight_decay, "batch_size": lc.batch_size,
-                   **({"crf": True} if lc.crf else {})},  # absent when off: the job keys made before it
-    }
-
-
 def _compare_params(ctx: Context) -> Mapping[str, Any]:
     cfg = ctx.cfg
     protocols = compare_protocols(cfg)
-    runner = _compare_runner_params(cfg)
+    runner = protocol_options(cfg.evaluate)
     seeded = bool({"kmeans", "pixel_kmeans", "linear"} & set(protocols))  # retrieval has no seed
     params = {"protocols": list(protocols), "seeds": list(cfg.evaluate.seeds) if seeded else [],
               "runner": {p: runner[p] for p in protocols},
@@ -70,7 +56,7 @@ def compare_jobs(ctx: Context, extracts: Mapping[str, Any]) -> list[Job]:
 
     cfg = ctx.cfg
     protocols = compare_protocols(cfg)
-    runner = _compare_runner_params(cfg)
+    runner = protocol_options(cfg.evaluate)
     val, train = cfg.data.val_split, cfg.data.train_split
     bank = retrieval_bank_split(ctx)
     needs_train = "linear" in protocols or ("retrieval" in protocols and bank is None)

@@ -438,85 +438,15 @@ def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
 
 
 def _run_evaluate(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from stages.evaluate.report import write_metrics, write_report
+    from stages.evaluate import run
 
     cfg = ctx.cfg
-    ev = cfg.evaluate
-    ds = ctx.dataset
-    out = writer.path
-    metrics: dict[str, dict[str, Any]] = {}
-    images: dict[str, str] = {}
-    protocols = list(ev.protocols)
-    for i, protocol in enumerate(protocols):
-        writer.set_progress(i, len(protocols), "protocols", current=protocol)
-        if protocol == "saliency":
-            from stages.evaluate.saliency import evaluate_saliency
-
-            ids = ds.ids(_masks_split(cfg))
-            metrics["saliency"] = evaluate_saliency(inputs["masks"].path, ds, ids, out,
-                                                    threshold=cfg.masks.threshold, progress=not ctx.quiet)
-            images.update({"saliency F-measure curve": "saliency_f_curve.png",
-                           "best and worst images by IoU": "saliency_sheet.png"})
-            continue
-        from stages.evaluate import protocols as P
-
-        emb = inputs["extract"].path
-        val, train = cfg.data.val_split, cfg.data.train_split
-        val_store, val_ids = emb / val, ds.ids(val)
-        _require_salient(val_store, protocol, inputs["extract"].ref)
-        common = dict(progress=not ctx.quiet)
-        if protocol == "kmeans":
-            k = ev.kmeans
-            m = P.run_kmeans(val_store, ds, val_ids, out, n_clusters=k.n_clusters, seeds=ev.seeds,
-                             pca_dim=k.pca_dim, n_init=k.n_init, split=val, cache_dir=out, **common)
-            metrics["kmeans"] = m
-            if k.pixel:
-                pm = P.run_pixel_kmeans(val_store, ds, val_ids, out / "pixel_kmeans", n_clusters=k.pixel_clusters,
-                                        seeds=ev.seeds, matching=k.pixel_matching, split=val, **common)
-                metrics["pixel_kmeans"] = pm
-        elif protocol == "retrieval":
-            bank = retrieval_bank_split(ctx) or train
-            m = P.run_retrieval(emb / bank, val_store, ds, ds.ids(bank), val_ids, out,
-                                class_subset=ev.retrieval.class_subset, train_split=bank, val_split=val,
-                                cache_dir=out, **common)
-            metrics["retrieval"] = m
-        elif protocol == "linear":
-            lc = ev.linear
-            m = P.run_linear(emb / train, val_store, ds, ds.ids(train), val_ids, out, epochs=lc.epochs, lr=lc.lr,
-                             lr_drop_epoch=lc.lr_drop_epoch, momentum=lc.momentum, weight_decay=lc.weight_decay,
-                             batch_size=lc.batch_size, seed=ev.seeds[0], train_split=train, val_split=val,
-                             crf=lc.crf, **common)
-            metrics["linear"] = m
-        for name in (protocol, "pixel_kmeans"):
-            for caption, file in (metrics.get(name, {}).pop("figures", None) or {}).items():
-                images[f"{name}: {caption}"] = file if name != "pixel_kmeans" else f"pixel_kmeans/{file}"
-    writer.set_progress(len(protocols), len(protocols), "protocols")
-    write_metrics(out, metrics)
-    context = {"dataset": f"{cfg.data.root} ({ds.layout})",
+    context = {"dataset": f"{cfg.data.root} ({ctx.dataset.layout})",
                **{f"input {k}": v.ref for k, v in inputs.items()}, "code": ctx.code_version}
-    write_report(out, "MaskContrast evaluation report", metrics, context, images)
-    summary: dict[str, Any] = {}
-    for protocol, m in metrics.items():
-        for key in ("miou", "miou_std", "miou_crf", "iou", "max_f", "mean_f", "mae"):
-            if isinstance(m.get(key), (int, float)):
-                summary[f"{protocol}.{key}"] = round(float(m[key]), 4)
-        if isinstance(m.get("colour_baseline"), dict):  # K-means on mask colours: the trivial baseline
-            summary[f"{protocol}.colour_baseline_miou"] = round(float(m["colour_baseline"]["miou"]), 4)
-    return summary
-
-
-def _require_salient(store_dir: Path, protocol: str, ref: str) -> None:
-    """Prototype protocols need salient pixels; a model whose saliency head fires nowhere gives none."""
-    from artifacts.embeddings import EmbeddingStore
-    from stages.evaluate.saliency import ProtocolError
-
-    if protocol not in ("kmeans", "retrieval"):
-        return
-    _, _, valid = EmbeddingStore(store_dir).prototypes()
-    if not valid.any():
-        raise ProtocolError(
-            f"{protocol}: no image of {ref} has a salient pixel (saliency logit > 0.5), so there is no "
-            "prototype to cluster; train longer, or set extract.mask_source: masks to use the mask proposals")
+    return run(cfg.evaluate, inputs, writer.path, dataset=ctx.dataset, val_split=cfg.data.val_split,
+               train_split=cfg.data.train_split, bank_split=retrieval_bank_split(ctx), masks_split=_masks_split(cfg),
+               saliency_threshold=cfg.masks.threshold, context=context, progress=not ctx.quiet,
+               on_progress=writer.set_progress)
 
 
 def _describe_evaluate(manifest: Mapping[str, Any]) -> str:

@@ -1,0 +1,24 @@
+"""Stage 5: score a model's embeddings (K-means, linear probe, retrieval) and the masks (saliency)
+against the labels, one report per model (:mod:`stages.evaluate.stage`); comparisons of several
+models run the same protocols as dask jobs (:mod:`stages.evaluate.batch`). ``EvaluateParams``
+(:mod:`stages.evaluate.params`) is the ``evaluate`` section of the configuration. Names are
+imported on first use, so that reading the parameters does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "EvaluateParams": "params",
+    "protocol_options": "params",
+    "run": "stage",
+    "run_protocol": "stage",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

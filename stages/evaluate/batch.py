@@ -2,7 +2,7 @@
 
 A :class:`Job` names everything by path (dataset root, embedding stores), so a worker needs only
 the shared filesystem: it opens the dataset index and the stores itself, runs one protocol
-runner of :mod:`stages.evaluate.protocols` and writes that job's pictures and ``metrics.json``
+runner of :mod:`stages.evaluate.protocols` (through :func:`stages.evaluate.stage.run_protocol`) and writes that job's pictures and ``metrics.json``
 under ``<out_dir>/<model>/<protocol>/seed-<seed>/``. Jobs are submitted with explicit keys and
 ``retries=``, and consumed with ``as_completed``; a job that still fails after its retries is
 reported in the table (status ``failed`` and its error) and the batch goes on (the caller decides
@@ -151,8 +151,8 @@ def run_job(job: Job, out_dir: str) -> dict[str, Any]:
     """Run one job (on a worker or here): its runner's metrics, also written to the job's
     ``metrics.json``. Raises whatever the runner raises."""
     from stages.data import DatasetIndex
-    from stages.evaluate import protocols as P
     from stages.evaluate.report import write_metrics
+    from stages.evaluate.stage import run_protocol
 
     job_dir = Path(out_dir) / job.subdir
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -160,22 +160,11 @@ def run_job(job: Job, out_dir: str) -> dict[str, Any]:
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} host={socket.gethostname()} pid={os.getpid()}\n")
     dataset = DatasetIndex.open(job.dataset_root, job.dataset_layout)
     cache = Path(out_dir) / _slug(job.model) / "cache"
-    seeds = {} if job.seed is None else {"seeds": [job.seed]}
-    kw: dict[str, Any] = {"progress": False, **dict(job.params)}
-    if job.protocol == "kmeans":
-        metrics = P.run_kmeans(job.val_store, dataset, dataset.ids(job.val_split), job_dir, split=job.val_split,
-                               cache_dir=cache, **seeds, **kw)
-    elif job.protocol == "pixel_kmeans":
-        metrics = P.run_pixel_kmeans(job.val_store, dataset, dataset.ids(job.val_split), job_dir,
-                                     split=job.val_split, **seeds, **kw)
-    elif job.protocol == "retrieval":
-        metrics = P.run_retrieval(job.train_store, job.val_store, dataset, dataset.ids(job.train_split),
-                                  dataset.ids(job.val_split), job_dir, train_split=job.train_split,
-                                  val_split=job.val_split, cache_dir=cache, **kw)
-    else:
-        metrics = P.run_linear(job.train_store, job.val_store, dataset, dataset.ids(job.train_split),
-                               dataset.ids(job.val_split), job_dir, train_split=job.train_split,
-                               val_split=job.val_split, **({} if job.seed is None else {"seed": job.seed}), **kw)
+    metrics = run_protocol(job.protocol, dataset, job_dir, val_store=job.val_store, val_split=job.val_split,
+                           learn_store=job.train_store, learn_split=job.train_split,
+                           seeds=None if job.seed is None else [job.seed],
+                           cache_dir=cache, progress=False,
+                           **dict(job.params))
     write_metrics(job_dir, {job.protocol: metrics})
     return metrics
 

@@ -7,7 +7,7 @@ linear probe's seed (the first). Each protocol's own keys are a sub-section (``k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from stages.params import check_fields, in_range, non_empty, opt
 
@@ -71,3 +71,18 @@ class EvaluateParams:
 
     def __post_init__(self):
         check_fields(self)
+
+
+def protocol_options(params: EvaluateParams) -> dict[str, dict[str, Any]]:
+    """Per protocol (``pixel_kmeans`` included), the runner keyword arguments that ``params`` sets,
+    as JSON values (they enter the job keys of a comparison). ``linear.crf`` is absent while off."""
+    k, lc = params.kmeans, params.linear
+    subset = params.retrieval.class_subset
+    return {
+        "kmeans": {"n_clusters": k.n_clusters, "pca_dim": k.pca_dim, "n_init": k.n_init},
+        "pixel_kmeans": {"n_clusters": k.pixel_clusters, "matching": k.pixel_matching},
+        "retrieval": {"class_subset": None if subset is None else list(subset)},
+        "linear": {"epochs": lc.epochs, "lr": lc.lr, "lr_drop_epoch": lc.lr_drop_epoch, "momentum": lc.momentum,
+                   "weight_decay": lc.weight_decay, "batch_size": lc.batch_size,
+                   **({"crf": True} if lc.crf else {})},  # absent when off: the job keys made before it
+    }
