@@ -22,7 +22,7 @@ from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_
 from stages.data.io import DEFAULT_MAX_PIXELS
 from stages.evaluate.params import VOC_SEEDS, EvaluateParams  # noqa: F401  (VOC_SEEDS: the presets' seeds)
 from stages.extract.params import ExtractParams
-from stages.masks.params import OnnxParams, PriorParams
+from stages.masks.params import OnnxParams, PostParams, PriorParams
 from stages.params import at_default_since
 from stages.train.params import TrainParams
 
@@ -88,16 +88,14 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
-class MasksConfig:
+class MasksConfig(PostParams):
+    """The masks section: the post-processing keys (``PostParams``, declared there), the estimator
+    and its sub-sections."""
+
     method: Literal["priors", "bootstrap", "model", "import", "features"] = opt("priors", doc="mask-proposal estimator")
     split: str = opt("all", doc="images to compute masks for: a split name or 'all'", check=_split_name)
     model_path: Optional[Path] = opt(None, doc="ONNX salient-object model (method: model)")
     import_dir: Optional[Path] = opt(None, doc="folder of <id>.png masks, 0/255 (method: import)")
-    threshold: float = opt(0.5, doc="binarisation threshold of the [0,1] map", check=in_range(0.0, 1.0))
-    minmax: bool = opt(False, doc="min-max normalise each map before thresholding")
-    min_region: float = opt(0.01, doc="drop connected regions smaller than this share of the image", check=in_range(0.0, 1.0))
-    min_fg: float = opt(0.01, doc="drop the image when foreground is below this share", check=in_range(0.0, 1.0))
-    max_fg: float = opt(0.99, doc="drop the image when foreground is above this share", check=in_range(0.0, 1.0))
     store_soft: bool = opt(True, doc="also store the soft map as uint8")
     shard_size: int = opt(512, doc="images per HDF5 shard", check=in_range(1))
     priors: PriorParams = opt(default_factory=PriorParams)
@@ -106,8 +104,7 @@ class MasksConfig:
     features: FeaturesConfig = opt(default_factory=FeaturesConfig)
 
     def __post_init__(self):
-        if self.min_fg >= self.max_fg:
-            raise ConfigError(f"min_fg ({self.min_fg}) must be below max_fg ({self.max_fg})", "min_fg")
+        super().__post_init__()
         if self.method == "model" and self.model_path is None:
             raise ConfigError("masks.method is 'model' but no model file is given", "model_path")
         if self.method == "import" and self.import_dir is None:

@@ -16,6 +16,7 @@ from artifacts.store import ArtifactWriter
 from pipeline.config import Config
 from pipeline.configtypes import ConfigError
 from pipeline.context import Context, StageDef
+from stages.masks.params import PostParams
 from stages.network.compute import resolved_compute
 from stages.versions import ALGORITHM_VERSIONS
 
@@ -82,14 +83,6 @@ def _init_identity(init: str, backbone: str) -> Any:
     return {"file": path.name, "sha256": file_digest(path)}
 
 
-def _post_params(cfg: Config):
-    from stages.masks.postprocess import PostParams
-
-    m = cfg.masks
-    return PostParams(threshold=m.threshold, minmax=m.minmax, min_region=m.min_region, min_fg=m.min_fg,
-                      max_fg=m.max_fg)
-
-
 def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, progress: bool = True):
     """The configured per-image estimator (picklable, so dask can ship it).
 
@@ -143,7 +136,7 @@ def _run_masks(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) 
     attrs = {**estimator.describe(), "dataset_layout": ctx.dataset.layout}
     client = ctx.dask_client()
     summary = compute_masks(
-        samples, estimator, _post_params(cfg), writer.path,
+        samples, estimator, PostParams.of(cfg.masks), writer.path,
         shard_size=cfg.masks.shard_size, store_soft=cfg.masks.store_soft, attrs=attrs,
         client=client, progress=not ctx.quiet,
         on_shard=lambda done, total: writer.set_progress(done, total, "shards"),

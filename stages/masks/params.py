@@ -1,16 +1,46 @@
-"""Parameters of the masks stage's estimators (sub-sections of ``masks`` in ``pipeline.yaml``),
-declared once: the hand-crafted priors (``masks.priors``) and the ONNX saliency model
-(``masks.model``). Keys the configuration gained after artifacts existed are ``since_default``:
+"""Parameters of the masks stage (``masks`` in ``pipeline.yaml``), declared once: the
+post-processing of every estimator's map (``PostParams``, the keys at the top of ``masks``), the
+hand-crafted priors (``masks.priors``) and the ONNX saliency model (``masks.model``). Keys the configuration gained after artifacts existed are ``since_default``:
 left out of versions while at their default. Torch- and numpy-free, so that reading a
 configuration stays light.
 """
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
-from typing import Literal, Union
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Union
 
-from stages.params import check_fields, in_range, opt
+from stages.params import ParamError, check_fields, in_range, opt
+
+
+@dataclass(frozen=True)
+class PostParams:
+    """Soft map -> one binary mask (:func:`stages.masks.postprocess.postprocess`).
+
+    threshold: foreground is ``soft > threshold`` (strict, as the reference).
+    minmax: min-max normalise the map per image before thresholding (a constant map becomes 0).
+    min_region: 8-connected foreground regions with fewer pixels than this fraction of the image
+        are removed (0 keeps every region).
+    min_fg, max_fg: the image is kept iff min_fg <= remaining foreground fraction <= max_fg.
+    """
+
+    threshold: float = opt(0.5, doc="binarisation threshold of the [0,1] map", check=in_range(0.0, 1.0))
+    minmax: bool = opt(False, doc="min-max normalise each map before thresholding")
+    min_region: float = opt(0.01, doc="drop connected regions smaller than this share of the image",
+                            check=in_range(0.0, 1.0, hi_open=True))
+    min_fg: float = opt(0.01, doc="drop the image when foreground is below this share", check=in_range(0.0, 1.0))
+    max_fg: float = opt(0.99, doc="drop the image when foreground is above this share", check=in_range(0.0, 1.0))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.min_fg >= self.max_fg:
+            raise ParamError(f"min_fg ({self.min_fg}) must be below max_fg ({self.max_fg})", "min_fg")
+
+    @classmethod
+    def of(cls, section: Any) -> "PostParams":
+        """The post-processing keys of ``section`` (the ``masks`` section, which declares them by
+        inheriting this class), as a ``PostParams`` itself."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
 
 def _weights(w: tuple[float, ...]) -> str | None:

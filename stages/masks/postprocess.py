@@ -10,34 +10,12 @@ Differences, on purpose:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
+from stages.masks.params import PostParams
+
 __all__ = ["PostParams", "postprocess", "resize_nearest", "resize_map"]
-
-
-@dataclass(frozen=True)
-class PostParams:
-    """threshold: foreground is ``soft > threshold`` (strict, as the reference).
-    minmax: min-max normalise the map per image before thresholding (a constant map becomes 0).
-    min_region: 8-connected foreground regions with fewer pixels than this fraction of the image
-        are removed (0 keeps every region).
-    min_fg, max_fg: the image is kept iff min_fg <= remaining foreground fraction <= max_fg.
-    """
-
-    threshold: float = 0.5
-    minmax: bool = False
-    min_region: float = 0.01
-    min_fg: float = 0.01
-    max_fg: float = 0.99
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_region < 1.0:
-            raise ValueError(f"PostParams.min_region must be in [0, 1), got {self.min_region}")
-        if not 0.0 <= self.min_fg <= self.max_fg <= 1.0:
-            raise ValueError(f"PostParams needs 0 <= min_fg <= max_fg <= 1, got {self.min_fg}, {self.max_fg}")
 
 
 def postprocess(soft: np.ndarray, params: PostParams = PostParams()) -> tuple[np.ndarray, bool, str]:

@@ -73,7 +73,7 @@ def test_invalid_inputs():
         postprocess(np.zeros((3, 4, 1), np.float32))
     with pytest.raises(ValueError, match="float"):
         postprocess(np.zeros((3, 4), np.uint8))
-    with pytest.raises(ValueError, match="min_fg <= max_fg"):
+    with pytest.raises(ValueError, match="must be below max_fg"):
         PostParams(min_fg=0.5, max_fg=0.1)
 
 
