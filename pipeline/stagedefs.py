@@ -1,13 +1,11 @@
-"""Glue between the configuration and the stage functions: parameters, inputs, and the call.
-
-Each definition says which config keys determine its artifact and turns the config section into
-the stage's explicit parameter objects. Keys that cannot change results (worker counts, devices,
-``train.keep_last``, the scheduler address) are declared once, in ``stages.bookkeeping``, and stay
-out of versions through ``Config.section``.
+"""The stage definitions: what each stage needs, which configuration keys determine its artifact,
+and the call of the stage's entry, ``stages.<name>.run(params, inputs, out_dir, ...)``, with its
+section of the configuration, its upstream artifacts and the samples it reads. Keys that cannot
+change results (worker counts, devices, ``train.keep_last``, the scheduler address) are declared
+once, in ``stages.bookkeeping``, and stay out of versions through ``Config.section``.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,11 +14,8 @@ from artifacts.store import ArtifactWriter
 from pipeline.config import Config
 from pipeline.configtypes import ConfigError
 from pipeline.context import Context, StageDef
-from stages.masks.params import PostParams
 from stages.network.compute import resolved_compute
 from stages.versions import ALGORITHM_VERSIONS
-
-log = logging.getLogger("maskcontrast")
 
 
 # -- masks -------------------------------------------------------------------------------------------------
@@ -128,21 +123,13 @@ def _bootstrap_params(cfg: Config):
 
 
 def _run_masks(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from stages.masks.stage import compute_masks
+    from stages import masks
 
-    cfg = ctx.cfg
-    samples = ctx.dataset.samples(_masks_split(cfg))
-    estimator = make_estimator(cfg, writer.path / "bootstrap", samples, progress=not ctx.quiet)
-    attrs = {**estimator.describe(), "dataset_layout": ctx.dataset.layout}
-    client = ctx.dask_client()
-    summary = compute_masks(
-        samples, estimator, PostParams.of(cfg.masks), writer.path,
-        shard_size=cfg.masks.shard_size, store_soft=cfg.masks.store_soft, attrs=attrs,
-        client=client, progress=not ctx.quiet,
-        on_shard=lambda done, total: writer.set_progress(done, total, "shards"),
-    )
-    writer.update(estimator=estimator.describe())
-    return summary
+    samples = ctx.dataset.samples(_masks_split(ctx.cfg))
+    estimator = make_estimator(ctx.cfg, writer.path / "bootstrap", samples, progress=not ctx.quiet)
+    return masks.run(ctx.cfg.masks, inputs, writer.path, samples=samples, estimator=estimator,
+                     attrs={**estimator.describe(), "dataset_layout": ctx.dataset.layout}, client=ctx.dask_client(),
+                     progress=not ctx.quiet, on_progress=writer.set_progress, on_record=writer.update)
 
 
 def _describe_masks(manifest: Mapping[str, Any]) -> str:
@@ -179,21 +166,11 @@ def _train_params(ctx: Context) -> Mapping[str, Any]:
 
 
 def _run_train(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from artifacts.masks import MaskStore
-    from stages.train import train
+    from stages import train
 
-    cfg = ctx.cfg
-    masks = inputs["masks"]
-    kept = set(MaskStore(masks.path).ids(kept_only=True))
-    split = ctx.dataset.samples(cfg.data.train_split)
-    samples = [s for s in split if s.id in kept]
-    if not samples:
-        raise ValueError(f"no image of split {cfg.data.train_split!r} has a kept mask in {masks.ref}")
-    params = cfg.train
-    writer.update(train_images={"split": cfg.data.train_split, "n_split": len(split), "n_with_mask": len(samples)})
-    summary = train(params, samples, masks.path, writer.path, progress=not ctx.quiet,
-                    on_epoch=lambda epoch, record: writer.set_progress(epoch, params.epochs, "epochs"))
-    return summary
+    split = ctx.cfg.data.train_split
+    return train.run(ctx.cfg.train, inputs, writer.path, samples=ctx.dataset.samples(split), split=split,
+                     progress=not ctx.quiet, on_progress=writer.set_progress, on_record=writer.update)
 
 
 def _describe_train(manifest: Mapping[str, Any]) -> str:
@@ -268,24 +245,11 @@ def _extract_params(ctx: Context) -> Mapping[str, Any]:
 
 
 def _run_extract(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from stages.extract.extract import extract
-    from stages.train import load_model
+    from stages import extract
 
-    params = ctx.cfg.extract
-    model, meta = load_model(inputs["train"].path)
-    mask_dir = inputs["masks"].path if "masks" in inputs else None
-    splits = _extract_splits(ctx)
-    summary: dict[str, Any] = {}
-    for i, split in enumerate(splits):
-        samples = ctx.dataset.samples(split)
-        s = extract(model, samples, writer.path / split, params, mask_dir=mask_dir,
-                    attrs={"train": inputs["train"].ref, "split": split}, progress=not ctx.quiet,
-                    on_shard=lambda done, total, i=i, split=split: writer.set_progress(
-                        done, total, "shards", split=split, split_index=i + 1, n_splits=len(splits)))
-        summary[split] = s
-    return {"splits": list(splits), **{f"{k}.n_images": v["n_images"] for k, v in summary.items()},
-            **{f"{k}.n_valid": v["n_valid"] for k, v in summary.items()},
-            "images_per_s": summary[splits[0]].get("images_per_s"), "details": summary}
+    samples = {split: ctx.dataset.samples(split) for split in _extract_splits(ctx)}
+    return extract.run(ctx.cfg.extract, inputs, writer.path, samples=samples, progress=not ctx.quiet,
+                       on_progress=writer.set_progress)
 
 
 def _describe_extract(manifest: Mapping[str, Any]) -> str:
@@ -353,18 +317,11 @@ def _clusters_params(ctx: Context) -> Mapping[str, Any]:
 
 
 def _run_clusters(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from stages.clusters import make_clusters
+    from stages import clusters
 
-    cfg = ctx.cfg
-    split = cfg.data.val_split
-    summary = make_clusters(inputs["extract"].path / split, ctx.dataset.samples(split), writer.path, cfg.clusters,
-                            names=_cluster_names(ctx) or None, progress=not ctx.quiet,
-                            on_image=lambda done, total: writer.set_progress(done, total, "images")
-                            if done % 50 == 0 or done == total else None)
-    if summary.get("n_skipped"):
-        log.warning("clusters: %d image(s) skipped (listed in %s)", summary["n_skipped"],
-                    writer.path / "skipped.json")
-    return summary
+    split = ctx.cfg.data.val_split
+    return clusters.run(ctx.cfg.clusters, inputs, writer.path, samples=ctx.dataset.samples(split), split=split,
+                        progress=not ctx.quiet, on_progress=writer.set_progress)
 
 
 def _describe_clusters(manifest: Mapping[str, Any]) -> str:
@@ -431,15 +388,15 @@ def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
 
 
 def _run_evaluate(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
-    from stages.evaluate import run
+    from stages import evaluate
 
     cfg = ctx.cfg
     context = {"dataset": f"{cfg.data.root} ({ctx.dataset.layout})",
                **{f"input {k}": v.ref for k, v in inputs.items()}, "code": ctx.code_version}
-    return run(cfg.evaluate, inputs, writer.path, dataset=ctx.dataset, val_split=cfg.data.val_split,
-               train_split=cfg.data.train_split, bank_split=retrieval_bank_split(ctx), masks_split=_masks_split(cfg),
-               saliency_threshold=cfg.masks.threshold, context=context, progress=not ctx.quiet,
-               on_progress=writer.set_progress)
+    return evaluate.run(cfg.evaluate, inputs, writer.path, dataset=ctx.dataset, val_split=cfg.data.val_split,
+                        train_split=cfg.data.train_split, bank_split=retrieval_bank_split(ctx),
+                        masks_split=_masks_split(cfg), saliency_threshold=cfg.masks.threshold, context=context,
+                        progress=not ctx.quiet, on_progress=writer.set_progress)
 
 
 def _describe_evaluate(manifest: Mapping[str, Any]) -> str:

@@ -1,12 +1,16 @@
 """Stage 3: run the trained network over a split once and store prototypes, salient masks and
 low-resolution decoder features as HDF5 embedding shards (see :mod:`stages.extract.extract`).
 ``ExtractParams`` (:mod:`stages.extract.params`) is the ``extract`` section of the configuration.
-Names are imported on first use, so that reading the parameters does not import torch. The stage
-function is ``stages.extract.extract.extract`` (the package attribute ``extract`` is that module).
+Names are imported on first use, so that reading the parameters does not import torch. ``run`` is
+the stage (every split); one split is ``stages.extract.extract.extract`` (the package attribute
+``extract`` is that module).
 """
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 _HOMES = {
     "ExtractParams": "params",
@@ -22,3 +26,29 @@ def __getattr__(name: str):
     if name not in _HOMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Mapping[str, Sequence[Any]],
+        progress: bool = True, on_progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Run the model of ``inputs["train"]`` over each split of ``samples`` (split name -> its
+    samples, in order) into ``out_dir/<split>`` with ``params`` (``ExtractParams``); the masks of
+    ``inputs["masks"]``, when given, are the salient regions (``mask_source: masks``).
+    ``on_progress(done, total, unit, **extra)`` per shard. Returns the summary for the manifest."""
+    from stages.train import load_model
+
+    from .extract import extract
+
+    model, _ = load_model(inputs["train"].path)
+    mask_dir = inputs["masks"].path if "masks" in inputs else None
+    splits = list(samples)
+    summary: dict[str, Any] = {}
+    for i, split in enumerate(splits):
+        on_shard = None if on_progress is None else (
+            lambda done, total, i=i, split=split: on_progress(done, total, "shards", split=split, split_index=i + 1,
+                                                              n_splits=len(splits)))
+        summary[split] = extract(model, samples[split], Path(out_dir) / split, params, mask_dir=mask_dir,
+                                 attrs={"train": inputs["train"].ref, "split": split}, progress=progress,
+                                 on_shard=on_shard)
+    return {"splits": splits, **{f"{k}.n_images": v["n_images"] for k, v in summary.items()},
+            **{f"{k}.n_valid": v["n_valid"] for k, v in summary.items()},
+            "images_per_s": summary[splits[0]].get("images_per_s"), "details": summary}
