@@ -231,6 +231,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return _rng(_ORDER, seed, epoch).permutation(n)
 
 
+def check_batch(n: int, global_batch: int, world_size: int) -> None:
+    """``n`` images fill at least one global batch, which the ``world_size`` processes share evenly."""
+    if global_batch < 1 or global_batch % world_size:
+        raise ValueError(f"global batch {global_batch} must be a positive multiple of the "
+                         f"{world_size} processes")
+    if n < global_batch:
+        raise TrainDataError(f"{n} training images cannot fill one batch of {global_batch}")
+
+
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(epoch, index)`` keys for epochs ``start_epoch..end_epoch`` (1-based),
     sharded over ranks: DistributedSampler's role with ``set_epoch`` built in.
@@ -243,11 +252,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __init__(self, n: int, global_batch: int, seed: int, start_epoch: int, end_epoch: int,
                  rank: int = 0, world_size: int = 1, start_step: int = 0) -> None:
-        if global_batch < 1 or global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} must be a positive multiple of the "
-                             f"{world_size} processes")
-        if n < global_batch:
-            raise TrainDataError(f"{n} training images cannot fill one batch of {global_batch}")
+        check_batch(n, global_batch, world_size)
         self.n, self.global_batch, self.seed = n, global_batch, seed
         self.start_epoch, self.end_epoch, self.start_step = start_epoch, end_epoch, start_step
         self.rank, self.world_size = rank, world_size

@@ -84,6 +84,7 @@ from .data import (
     TrainDataError,
     TwoViewDataset,
     ViewAugment,
+    check_batch,
     derive_seed,
     make_loader,
 )
@@ -315,10 +316,7 @@ class Trainer:
     def _check_data(self, info: D.DistInfo) -> MaskStore:
         """Fail before any work: batch split, enough images, a mask for every image."""
         p = self.params
-        if p.batch_size % info.world_size:
-            raise ValueError(f"batch_size {p.batch_size} is not divisible by the {info.world_size} processes")
-        if len(self.samples) < p.batch_size:
-            raise TrainDataError(f"{len(self.samples)} training images cannot fill one batch of {p.batch_size}")
+        check_batch(len(self.samples), p.batch_size, info.world_size)
         store = MaskStore(self.mask_dir)
         missing = [s.id for s in self.samples if s.id not in store]
         if missing:
