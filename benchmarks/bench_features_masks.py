@@ -2,10 +2,11 @@
 
 Rows, each scored with the saliency protocol (IoU at soft > 0.5, max-F, mean-F, MAE, predicted
 foreground share) and CPU seconds per image on one core:
-- seeds only: the spread x border-contrast score on the grid, min-max scaled (step 1);
+- seeds only: the spread x border-contrast score on the grid, min-max scaled (step 1), without
+  and with the class prior (the ImageNet classifier's class-activation map, ``class_prior``);
 - propagation, 0 re-estimations, no CRF (step 2 once);
 - propagation, the default re-estimations, no CRF;
-- the default estimator (with the dense-CRF refinement, step 3).
+- the default estimator (with the dense-CRF refinement, step 3), and without its class prior.
 The settings were chosen on the train split; val was scored afterwards (README).
 
     python benchmarks/bench_features_masks.py [--split train|val|all] [--workers 2] [--limit N]
@@ -42,11 +43,14 @@ from stages.masks.features import (  # noqa: E402
 
 SHARED = Path(os.environ.get("MASKCONTRAST_SHARED", REPO.parent / "shared"))
 DEFAULT = FeatureParams()
-ROWS = {
-    "seeds only (spread x border contrast)": None,
-    "propagation, 0 re-estimations, no CRF": dataclasses.replace(DEFAULT, iterations=0, crf=False),
-    f"propagation, {DEFAULT.iterations} re-estimations, no CRF": dataclasses.replace(DEFAULT, crf=False),
-    "default (with the dense CRF)": DEFAULT,
+NO_CLASSES = dataclasses.replace(DEFAULT, class_prior=0.0)
+ROWS = {  # name -> (params, seeds only)
+    "seeds only (spread x border contrast)": (NO_CLASSES, True),
+    f"seeds x class map^{DEFAULT.class_prior:g}": (DEFAULT, True),
+    "propagation, 0 re-estimations, no CRF": (dataclasses.replace(DEFAULT, iterations=0, crf=False), False),
+    f"propagation, {DEFAULT.iterations} re-estimations, no CRF": (dataclasses.replace(DEFAULT, crf=False), False),
+    "default (with the dense CRF)": (DEFAULT, False),
+    "default without the class prior": (NO_CLASSES, False),
 }
 _est: FeatureEstimator | None = None
 
@@ -62,16 +66,16 @@ def _one(task: tuple[str, str]) -> tuple[str, dict, dict]:
     img = np.asarray(Image.open(f"{root}/images/{image_id}.jpg").convert("RGB"))
     gt = np.asarray(Image.open(f"{root}/labels/{image_id}.png")) > 0
     t0 = time.process_time()
-    grid = _est.features(img)
+    grid, classes = _est.features(img)
     t_grid = time.process_time() - t0
     scores, secs = {}, {}
-    for name, params in ROWS.items():
+    for name, (params, seeds_only) in ROWS.items():
         t = time.process_time()
-        if params is None:
-            s = seed_scores(grid, DEFAULT.temperature)
+        if seeds_only:
+            s = seed_scores(grid, params.temperature, classes, params.class_prior)
             soft = cv2.resize(((s - s.min()) / max(np.ptp(s), 1e-12)).astype(np.float32), img.shape[1::-1])
         else:
-            soft = refine(img, foreground_grid(grid, params), params)
+            soft = refine(img, foreground_grid(grid, params, classes), params)
         secs[name] = t_grid + time.process_time() - t
         scores[name] = saliency_scores(np.clip(soft, 0, 1), gt)
     return image_id, scores, secs

@@ -84,6 +84,7 @@ class FeaturesConfig:
     crf_compat: float = opt(5.0, doc="bilateral Potts weight", check=in_range(0.0))
     max_objects: int = opt(3, doc="objects a repeated cut looks for (several proposals per image)", check=in_range(1))
     min_object_score: float = opt(0.5, doc="a further object's seed score relative to the first's", check=in_range(0.0, 1.0))
+    class_prior: float = opt(0.25, doc="exponent of the ImageNet classifier's class-activation map in the seed score (0: off; needs weights with a classifier, not MoCo)", check=in_range(0.0, 4.0))
     threads: int = opt(1, doc="torch threads per worker", check=in_range(1))
 
 
@@ -271,6 +272,9 @@ def check_paths(cfg: Config, *, need_data: bool = True, source: str | None = Non
         _check_init(m.bootstrap.init, m.bootstrap.backbone, "masks.bootstrap.init", source)
     if m.method == "features" or (m.method == "bootstrap" and m.bootstrap.teacher == "features"):
         _check_init(m.features.init, m.features.backbone, "masks.features.init", source, allow_random=False)
+        if m.features.class_prior > 0 and (m.features.init == "moco_v2" or m.features.init_kind == "moco"):
+            raise ConfigError("a MoCo checkpoint has no ImageNet classifier for the class prior: "
+                              "set masks.features.class_prior: 0", "masks.features.class_prior", source)
 
 
 def _check_init(value: str, backbone: str, key: str, source: str | None, allow_random: bool = True) -> None:

@@ -7,7 +7,10 @@ L2-normalised, the earlier ones average-pooled to the grid):
    the patches that look like it (softmax of cosine similarity at ``temperature``); background
    stuff (sky, road, water) recurs across the image, an object's parts are compact. *Border
    contrast*: one minus the patch's mean similarity to the border ring, the side of the image an
-   object touches least. Their product (each min-max scaled) ranks the patches; the top
+   object touches least. With ``class_prior`` > 0 and weights that carry an ImageNet classifier,
+   a third factor: the class-activation map of the network's five likeliest classes (CAM), to
+   the power ``class_prior``, since ImageNet's classes are objects, not stuff. Their product
+   (each min-max scaled) ranks the patches; the top
    ``seed_share`` are object seeds, the lower half and the border ring (but for its patches in
    the top quarter: an object may touch the border) are background seeds.
 2. **Propagation.** Each patch is compared with the mean object seed and with ``bg_prototypes``
@@ -64,6 +67,7 @@ class FeatureParams:
     crf_compat: float = 5.0
     max_objects: int = 3  # objects ``object_cuts`` looks for
     min_object_score: float = 0.5  # a further object's seed score relative to the first's
+    class_prior: float = 0.25  # exponent of the classifier's class-activation map in the seed score
 
     def __post_init__(self) -> None:
         checks = {
@@ -81,6 +85,7 @@ class FeatureParams:
             "crf_compat": (self.crf_compat >= 0, ">= 0"),
             "max_objects": (self.max_objects >= 1, ">= 1"),
             "min_object_score": (0 <= self.min_object_score <= 1, "in [0, 1]"),
+            "class_prior": (0 <= self.class_prior <= 4, "in [0, 4]"),
         }
         for name, (ok, expected) in checks.items():
             if not ok:
@@ -103,8 +108,10 @@ def border_ring(height: int, width: int) -> np.ndarray:
     return ring
 
 
-def seed_scores(grid: np.ndarray, temperature: float) -> np.ndarray:
-    """Objectness of each patch of a (C, H, W) grid of unit vectors: low spread x border contrast."""
+def seed_scores(grid: np.ndarray, temperature: float, classes: np.ndarray | None = None,
+                class_prior: float = 0.0) -> np.ndarray:
+    """Objectness of each patch of a (C, H, W) grid of unit vectors: low spread x border contrast,
+    times ``classes`` (a class-activation map on the grid, (H, W) in [0, 1]) ** ``class_prior``."""
     c, h, w = grid.shape
     x = grid.reshape(c, -1).T.astype(np.float64)  # n x C
     sim = x @ x.T  # n x n cosine similarities
@@ -115,7 +122,12 @@ def seed_scores(grid: np.ndarray, temperature: float) -> np.ndarray:
     centre = weights @ pos
     spread = np.sqrt(np.einsum("ij,ij->i", weights, (pos ** 2).sum(1)[None, :]) - (centre ** 2).sum(1)).clip(0)
     contrast = 1.0 - sim[:, border_ring(h, w).ravel()].mean(1)
-    return (_minmax(-spread) * _minmax(contrast)).reshape(h, w)
+    scores = (_minmax(-spread) * _minmax(contrast)).reshape(h, w)
+    if classes is not None and class_prior > 0:
+        if classes.shape != (h, w):
+            raise ValueError(f"class map of shape {classes.shape} for a {h} x {w} grid")
+        scores = scores * np.clip(classes, 0.0, 1.0) ** class_prior
+    return scores
 
 
 def _kmeans_centres(x: np.ndarray, k: int, seed: int = 0, iters: int = 20) -> np.ndarray:
@@ -186,10 +198,11 @@ def _seeded_component(region: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return labels == labels.ravel()[best]
 
 
-def object_cuts(grid: np.ndarray, params: FeatureParams) -> list[tuple[np.ndarray, float]]:
+def object_cuts(grid: np.ndarray, params: FeatureParams,
+                classes: np.ndarray | None = None) -> list[tuple[np.ndarray, float]]:
     """Up to ``max_objects`` (probability map, score) pairs, best first, each on patches the
     earlier ones left; a further object needs ``min_object_score`` of the first one's score."""
-    scores = seed_scores(grid, params.temperature)
+    scores = seed_scores(grid, params.temperature, classes, params.class_prior)
     allowed = np.ones(scores.shape, bool)
     found: list[tuple[np.ndarray, float]] = []
     for _ in range(params.max_objects):
@@ -208,9 +221,9 @@ def object_cuts(grid: np.ndarray, params: FeatureParams) -> list[tuple[np.ndarra
     return found
 
 
-def foreground_grid(grid: np.ndarray, params: FeatureParams) -> np.ndarray:
+def foreground_grid(grid: np.ndarray, params: FeatureParams, classes: np.ndarray | None = None) -> np.ndarray:
     """The first object's probability on the grid (steps 1-2)."""
-    return propagate(grid, seed_scores(grid, params.temperature), params)
+    return propagate(grid, seed_scores(grid, params.temperature, classes, params.class_prior), params)
 
 
 def refine(image: np.ndarray, prob: np.ndarray, params: FeatureParams) -> np.ndarray:
@@ -244,10 +257,43 @@ def input_size(height: int, width: int, long_side: int) -> tuple[int, int]:
             max(GRID_STRIDE, round(width * scale / GRID_STRIDE) * GRID_STRIDE))
 
 
-class FeatureGrid:
-    """``image -> (C, H/16, W/16)`` grid of unit feature vectors from a pretrained backbone."""
+_CLASSIFIER_KEYS = {"mobilenet_v2": "classifier.1", "resnet18": "fc", "resnet50": "fc"}
+_TOP_CLASSES = 5
 
-    def __init__(self, backbone: str, weights: str | Path | None, init_kind: str = "auto") -> None:
+
+def load_classifier(backbone: str, weights: str | Path | None):
+    """The ImageNet classifier of a torchvision checkpoint as an ``nn.Linear`` (seeded random
+    without ``weights``, like the backbone); ``FeaturesError`` when the file carries none (a MoCo
+    checkpoint's MLP head is not a classifier)."""
+    import torch
+    from torch import nn
+
+    width = {"mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048}[backbone]
+    prefix = _CLASSIFIER_KEYS[backbone]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        layer = nn.Linear(width, 1000)
+    if weights is None:
+        return layer.eval()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    w, b = (state.get(f"{prefix}.{k}") if isinstance(state, dict) else None for k in ("weight", "bias"))
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.shape[1] != width or not isinstance(b, torch.Tensor):
+        raise FeaturesError(
+            f"{weights}: masks.features.class_prior needs weights with an ImageNet classifier "
+            f"('{prefix}.weight' of shape (classes, {width})); this file has none (a MoCo or other "
+            "self-supervised checkpoint): set masks.features.class_prior: 0")
+    layer = nn.Linear(width, w.shape[0])
+    layer.load_state_dict({"weight": w, "bias": b})
+    return layer.eval()
+
+
+class FeatureGrid:
+    """``image -> ((C, H/16, W/16) grid of unit feature vectors, class map or None)`` from a
+    pretrained backbone; with ``classes``, also the class-activation map (CAM) of its classifier's
+    five likeliest classes on the same grid, min-max scaled to [0, 1]."""
+
+    def __init__(self, backbone: str, weights: str | Path | None, init_kind: str = "auto",
+                 classes: bool = False) -> None:
         import torch
 
         from stages.network.init import load_init
@@ -260,9 +306,10 @@ class FeatureGrid:
         if weights is not None:
             load_init(self.net, weights, init_kind)
         self.net.eval()
+        self.classifier = load_classifier(backbone, weights) if classes else None
         self._torch = torch
 
-    def __call__(self, image: np.ndarray, long_side: int) -> np.ndarray:
+    def __call__(self, image: np.ndarray, long_side: int) -> tuple[np.ndarray, np.ndarray | None]:
         torch = self._torch
         import torch.nn.functional as F
 
@@ -280,16 +327,25 @@ class FeatureGrid:
                         taps.append(x)
                     if i == _MOBILENET_TAPS[-1]:
                         break
+                last = self.net.features[_MOBILENET_TAPS[-1] + 1](x) if self.classifier is not None else None
             else:
                 n = self.net
                 x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
                 for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
                     x = layer(x)
                     taps.append(x)
+                last = x
             gh, gw = h // GRID_STRIDE, w // GRID_STRIDE
             parts = [F.normalize(F.adaptive_avg_pool2d(t, (gh, gw)), dim=1) for t in taps]
             grid = torch.cat(parts, 1)[0] / np.sqrt(len(parts))
-        return grid.numpy().astype(np.float32)
+            classes = None
+            if self.classifier is not None:
+                f = F.adaptive_avg_pool2d(last, (gh, gw))[0]  # C x gh x gw
+                p = self.classifier(f.mean((1, 2))).softmax(0)
+                top = p.topk(min(_TOP_CLASSES, len(p)))
+                cam = torch.einsum("k,kc,chw->hw", top.values, self.classifier.weight[top.indices], f).clamp(min=0)
+                classes = _minmax(cam.numpy().astype(np.float64)).astype(np.float32)
+        return grid.numpy().astype(np.float32), classes
 
 
 class FeatureEstimator:
@@ -306,6 +362,8 @@ class FeatureEstimator:
         self.init_kind = init_kind
         self.threads = threads
         self._grid: FeatureGrid | None = None
+        if params.class_prior > 0 and weights is not None:
+            load_classifier(params.backbone, weights)  # a file without a classifier fails here, once
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_grid": None}
@@ -315,11 +373,13 @@ class FeatureEstimator:
                 "weights_file": None if self.weights is None else Path(self.weights).name,
                 "weights_sha256": self.weights_sha256}
 
-    def features(self, img: np.ndarray) -> np.ndarray:
+    def features(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(the feature grid, the class map on it or None when ``class_prior`` is 0)."""
         import torch
 
         if self._grid is None:
-            self._grid = FeatureGrid(self.params.backbone, self.weights, self.init_kind)
+            self._grid = FeatureGrid(self.params.backbone, self.weights, self.init_kind,
+                                     classes=self.params.class_prior > 0)
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
@@ -328,5 +388,6 @@ class FeatureEstimator:
             torch.set_num_threads(before)
 
     def __call__(self, img: np.ndarray, sample=None) -> np.ndarray:
-        prob = foreground_grid(self.features(img), self.params)
+        grid, classes = self.features(img)
+        prob = foreground_grid(grid, self.params, classes)
         return np.clip(refine(img, prob, self.params), 0.0, 1.0)

@@ -147,18 +147,19 @@ def proposals_from_cuts(maps: Sequence[tuple[np.ndarray, float]], params: Propos
 
 
 def cut_proposals(grid: np.ndarray, shape: tuple[int, int], params: ProposalParams, feature_params,
-                  image: np.ndarray | None = None) -> list[Proposal]:
+                  image: np.ndarray | None = None, classes: np.ndarray | None = None) -> list[Proposal]:
     """``cuts``: :func:`stages.masks.features.object_cuts` on ``grid`` ((C, h, w) unit feature
     vectors) with up to ``params.max_proposals`` objects, each cut's map brought to ``shape``
     (H, W) (refined by the estimator's CRF on ``image`` when given, else resized bilinearly),
     then :func:`proposals_from_cuts`. ``feature_params``: the estimator's
-    :class:`stages.masks.features.FeatureParams`."""
+    :class:`stages.masks.features.FeatureParams`; ``classes``: the grid's class map, as
+    ``FeatureEstimator.features`` returns it beside the grid."""
     from stages.masks.features import object_cuts, refine
 
     h, w = (int(s) for s in shape)
     if image is not None and image.shape[:2] != (h, w):
         raise ValueError(f"image {image.shape[:2]} does not have the proposals' shape {(h, w)}")
-    cuts = object_cuts(grid, replace(feature_params, max_objects=params.max_proposals))
+    cuts = object_cuts(grid, replace(feature_params, max_objects=params.max_proposals), classes)
     maps = []
     for prob, score in cuts:
         if image is not None:

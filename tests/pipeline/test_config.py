@@ -172,3 +172,12 @@ def test_stage_parameters_once_hidden_are_settable(tmp_path):
     assert cfg.masks.model.channel_order == "BGR" and cfg.masks.model.size_hw == (24, 32)
     with pytest.raises(ConfigError, match="^masks.priors.mbd_iterations: must be >= 1, got 0 "):
         load_config(write(tmp_path, "masks: {priors: {mbd_iterations: 0}}\n"))
+
+
+def test_the_class_prior_is_refused_with_moco_weights(tmp_path):
+    ckpt = tmp_path / "moco.pth"
+    ckpt.write_bytes(b"not read: the kind decides")
+    sets = ["masks.method=features", f"masks.features.init={ckpt}", "masks.features.init_kind=moco"]
+    with pytest.raises(ConfigError, match="masks.features.class_prior"):
+        check_paths(load_config(None, sets), need_data=False)
+    check_paths(load_config(None, [*sets, "masks.features.class_prior=0"]), need_data=False)

@@ -28,8 +28,8 @@ VARIANTS = {"configs/demo.yaml+bootstrap": ("configs/demo.yaml", ("masks.method=
 
 #: config -> stage -> version, on ``fixed_dataset`` with the paths of ``user_paths``
 PINNED = {
-    "pipeline.yaml": {"masks": "c308c29c5b3a", "train": "799f3cefd821", "extract": "cfbae6c2802c",
-                      "clusters": "ee42b2ab1945", "evaluate": "803831e9cb6d"},
+    "pipeline.yaml": {"masks": "38c37da853b3", "train": "4d0d91c61c34", "extract": "b26bb96315b0",
+                      "clusters": "4c6412e3624c", "evaluate": "53708ea58209"},
     "configs/demo.yaml": {"masks": "c1b131184dda", "train": "d1f7a33fc1cd", "extract": "406925edb01f",
                           "clusters": "59dff42a1aa4", "evaluate": "e34e1a9b81fb"},
     "configs/davis16_mobilenet.yaml": {"masks": "16bea5aa4bb2", "train": "ddb30b9973fb", "extract": "dedd1e89015a",
@@ -41,8 +41,8 @@ PINNED = {
                                            "clusters": "7ead5255d028", "evaluate": "e0f7a55f0396"},
     "configs/demo.yaml+bootstrap": {"masks": "e7c019bc9690", "train": "a65c2ef17d52", "extract": "a1ca65d64923",
                                     "clusters": "b550549fc11b", "evaluate": "6733e515f7d0"},
-    "pipeline.yaml+photos": {"masks": "183901ffeff6", "train": "d37baf43b896", "extract": "db3387b7917e",
-                             "clusters": "8b7e5657a6e2"},
+    "pipeline.yaml+photos": {"masks": "d7d9c43edc89", "train": "7a5516685246", "extract": "c99cbe378535",
+                             "clusters": "6919f5ca8ce9"},
 }
 
 

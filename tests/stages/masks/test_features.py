@@ -3,6 +3,7 @@ determinism, and the stage's shards in-process and on dask."""
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -166,3 +167,45 @@ def test_local_cluster_and_in_process_write_identical_shards(tmp_path):
         return [(r.id, r.mask.tobytes(), r.soft.tobytes()) for r in (store.get(i, soft=True) for i in store.ids())]
 
     assert records(tmp_path / "sync") == records(tmp_path / "dask")
+
+
+# -- the class prior ----------------------------------------------------------------------------------------
+def test_the_class_map_picks_which_of_two_objects_seeds_the_cut():
+    # two compact objects: a class map that lights the one the plain cut takes second makes it first
+    grid, (a, b) = _grid([(3, 7, 3, 8), (9, 14, 15, 21)], noise=0.1)
+    first = object_cuts(grid, PARAMS)[0][0] > 0.5
+    other = b if _iou(first, a) > _iou(first, b) else a
+    assert _iou(first, other) < 0.2
+    classes = np.where(other, 1.0, 0.05).astype(np.float32)
+    chosen = object_cuts(grid, replace(PARAMS, class_prior=1.0), classes)[0][0] > 0.5
+    assert _iou(chosen, other) > 0.8
+    # off (0) or without a map: the scores are the plain ones
+    plain = seed_scores(grid, PARAMS.temperature)
+    assert np.array_equal(seed_scores(grid, PARAMS.temperature, classes, 0.0), plain)
+    np.testing.assert_allclose(seed_scores(grid, PARAMS.temperature, classes, 0.5), plain * classes ** 0.5)
+    with pytest.raises(ValueError, match="class map"):
+        seed_scores(grid, PARAMS.temperature, classes[:-1], 0.5)
+
+
+def test_the_feature_grid_gives_a_class_map_on_its_own_grid():
+    est = FeatureEstimator(FeatureParams(size=64, crf_size=48, class_prior=0.25), weights=None)
+    grid, classes = est.features(_image())
+    assert classes is not None and classes.shape == grid.shape[1:] and classes.dtype == np.float32
+    assert 0.0 <= classes.min() and classes.max() <= 1.0
+    _, none = FeatureEstimator(FeatureParams(size=64, crf_size=48, class_prior=0.0), weights=None).features(_image())
+    assert none is None
+
+
+def test_weights_without_a_classifier_are_refused_with_the_key(tmp_path):
+    import torch
+
+    from stages.masks.features import load_classifier
+
+    moco_like = tmp_path / "moco.pth"
+    torch.save({"features.0.0.weight": torch.zeros(32, 3, 3, 3)}, moco_like)
+    with pytest.raises(FeaturesError, match="class_prior: 0"):
+        load_classifier("mobilenet_v2", moco_like)
+    with_head = tmp_path / "imagenet.pth"
+    torch.save({"classifier.1.weight": torch.ones(7, 1280), "classifier.1.bias": torch.zeros(7)}, with_head)
+    layer = load_classifier("mobilenet_v2", with_head)
+    assert layer.out_features == 7 and torch.equal(layer.weight, torch.ones(7, 1280))
