@@ -57,7 +57,7 @@ class BootstrapConfig:
     ema: float = opt(0.7, doc="moving-average weight of the previous pseudo-label in refinement", check=in_range(0.0, 1.0))
     freeze: Literal["none", "stem", "layer1", "layer2", "layer3", "layer4"] = opt(
         "layer2", doc="with a pretrained init, freeze the encoder up to this stage (ignored with random init)")
-    crf: bool = opt(False, doc="snap each round's predictions and the final maps to colour edges (the features estimator's dense CRF)")
+    crf: bool = opt(False, doc="snap the fitted network's maps to colour edges with the features estimator's dense CRF (not part of the fit)")
     seed: int = opt(0)
 
 
