@@ -45,8 +45,10 @@ ROWS = {
     # objects cut from the ImageNet MobileNetV2's features (the default estimator of pipeline.yaml)
     "features": ["masks.method=features", f"masks.features.init={IMAGENET}"],
     "features-backbone": ["masks.method=features", f"masks.features.init={IMAGENET}", "extract.embedding=backbone"],
+    # (no linear probe: its decoder would be random, as in the init row's 8.4)
     "init-features": ["train.epochs=0", "extract.embedding=backbone", "extract.mask_source=masks",
-                      "masks.method=features", f"masks.features.init={IMAGENET}"],
+                      "masks.method=features", f"masks.features.init={IMAGENET}",
+                      "evaluate.protocols=[kmeans,retrieval,saliency]"],
     "bootstrap-features": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}",
                            "masks.bootstrap.teacher=features", f"masks.features.init={IMAGENET}"],
     "model-backbone": ["extract.embedding=backbone"],
