@@ -22,7 +22,7 @@ from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_
 from stages.data.io import DEFAULT_MAX_PIXELS
 from stages.evaluate.params import VOC_SEEDS, EvaluateParams  # noqa: F401  (VOC_SEEDS: the presets' seeds)
 from stages.extract.params import ExtractParams
-from stages.masks.params import OnnxParams, PostParams, PriorParams
+from stages.masks.params import OnnxParams, PostParams, PriorParams, ProposalParams
 from stages.params import at_default_since
 from stages.train.params import TrainParams
 
@@ -89,9 +89,9 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
-class MasksConfig(PostParams):
-    """The masks section: the post-processing keys (``PostParams``, declared there), the estimator
-    and its sub-sections."""
+class MasksConfig(ProposalParams, PostParams):
+    """The masks section: the post-processing keys (``PostParams``) and the object-proposal keys
+    (``ProposalParams``), declared there, the estimator and its sub-sections."""
 
     method: Literal["priors", "bootstrap", "model", "import", "features"] = opt("priors", doc="mask-proposal estimator")
     split: str = opt("all", doc="images to compute masks for: a split name or 'all'", check=_split_name)
@@ -110,6 +110,15 @@ class MasksConfig(PostParams):
             raise ConfigError("masks.method is 'model' but no model file is given", "model_path")
         if self.method == "import" and self.import_dir is None:
             raise ConfigError("masks.method is 'import' but no folder is given", "import_dir")
+        if self.proposals == "cuts" and self.method != "features":
+            raise ConfigError(f"cuts proposals come from the features estimator's repeated cuts; set "
+                              f"masks.method: features (it is {self.method!r}) or masks.proposals: components",
+                              "proposals")
+
+    @property
+    def proposal_params(self) -> ProposalParams:
+        """The proposal settings as the masks stage takes them."""
+        return ProposalParams.of(self)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,9 @@ def _masks_params(ctx: Context) -> Mapping[str, Any]:
             params["features"] = _features_identity(ctx.cfg)
     elif m.method == "features":
         params["features"] = _features_identity(ctx.cfg)
+    if m.proposals != "single":  # left out for single: the versions made before proposals existed
+        params["proposals"] = {"proposals": m.proposals, "max_proposals": m.max_proposals,
+                               "min_proposal": m.min_proposal}
     return params
 
 
@@ -146,7 +149,8 @@ MASKS = StageDef(
     name="masks",
     schema_version=1,
     algorithm_version=ALGORITHM_VERSIONS["masks"],
-    help="Mask proposals: one salient-object mask per image, written as HDF5 shards.",
+    help="Mask proposals: one salient-object mask per image (and with masks.proposals, several object "
+         "proposals), written as HDF5 shards.",
     needs=lambda cfg: (),
     params=_masks_params,
     run=_run_masks,

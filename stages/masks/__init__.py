@@ -15,16 +15,17 @@ def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Seque
         on_record: Callable[..., None] | None = None) -> dict[str, Any]:
     """Write the masks of ``samples`` by ``estimator`` (a picklable callable, e.g. made by the
     pipeline from the configuration) into ``out_dir``, post-processed with ``params`` (the masks
-    section: ``PostParams`` keys, ``shard_size``, ``store_soft``). The masks stage has no upstream
+    section: ``PostParams`` and ``ProposalParams`` keys, ``shard_size``, ``store_soft``). The masks stage has no upstream
     ``inputs``. ``client``: a dask client (None: in this process). ``on_progress(done, total,
     unit)`` per shard; ``on_record(estimator=...)`` records the estimator's description."""
-    from .params import PostParams
+    from .params import PostParams, ProposalParams
     from .stage import compute_masks
 
     on_shard = None if on_progress is None else (lambda done, total: on_progress(done, total, "shards"))
+    proposals = ProposalParams.of(params) if isinstance(params, ProposalParams) else None
     summary = compute_masks(samples, estimator, PostParams.of(params), out_dir, shard_size=params.shard_size,
                             store_soft=params.store_soft, attrs=dict(attrs or {}), client=client, progress=progress,
-                            on_shard=on_shard)
+                            on_shard=on_shard, proposals=proposals)
     if on_record is not None:
         on_record(estimator=estimator.describe())
     return summary

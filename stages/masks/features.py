@@ -388,6 +388,11 @@ class FeatureEstimator:
             torch.set_num_threads(before)
 
     def __call__(self, img: np.ndarray, sample=None) -> np.ndarray:
+        return self.with_grid(img)[0]
+
+    def with_grid(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The soft map (as a call gives it), the (C, h, w) feature grid and the class map (or
+        None) it came from, for :func:`stages.masks.proposals.cut_proposals`."""
         grid, classes = self.features(img)
         prob = foreground_grid(grid, self.params, classes)
-        return np.clip(refine(img, prob, self.params), 0.0, 1.0)
+        return np.clip(refine(img, prob, self.params), 0.0, 1.0), grid, classes

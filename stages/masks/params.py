@@ -1,11 +1,13 @@
 """Parameters of the masks stage (``masks`` in ``pipeline.yaml``), declared once: the
 post-processing of every estimator's map (``PostParams``, the keys at the top of ``masks``), the
-hand-crafted priors (``masks.priors``) and the ONNX saliency model (``masks.model``). Keys the configuration gained after artifacts existed are ``since_default``:
-left out of versions while at their default. Torch- and numpy-free, so that reading a
-configuration stays light.
+object proposals (``ProposalParams``, also keys at the top of ``masks``), the hand-crafted priors
+(``masks.priors``) and the ONNX saliency model (``masks.model``). Keys the configuration gained
+after artifacts existed are ``since_default``: left out of versions while at their default.
+Torch- and numpy-free, so that reading a configuration stays light.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Union
@@ -120,3 +122,53 @@ class OnnxParams:
     def size_hw(self) -> tuple[int, int]:
         s = self.input_size
         return (int(s), int(s)) if isinstance(s, numbers.Integral) else (int(s[0]), int(s[1]))
+
+
+PROPOSAL_METHODS = ("single", "components", "cuts")
+
+
+class ProposalsError(ParamError):
+    """Impossible proposal settings."""
+
+
+def _count(v) -> str | None:
+    ok = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+    return None if ok else f"must be an int >= 1, got {v!r}"
+
+
+def _share(v) -> str | None:
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1
+    return None if ok else f"must be a number in [0, 1), got {v!r}"
+
+
+@dataclass(frozen=True)
+class ProposalParams:
+    """How an image's object proposals are chosen (the methods: :mod:`stages.masks.proposals`).
+    The ``masks`` section declares these keys by inheriting this class; with ``single`` (the
+    default) the other two do not apply, and none of the three enters a version."""
+
+    proposals: Literal["single", "components", "cuts"] = opt(
+        "single", since_default=True,
+        doc="object proposals per image: single (the binary mask), components (its connected components), "
+            "cuts (the features estimator's repeated cuts); not single writes mask shards of schema version 2")
+    max_proposals: int = opt(3, doc="at most this many proposals per image (components, cuts)", check=_count,
+                             since_default=True)
+    min_proposal: float = opt(0.01, doc="a proposal covers at least this share of the image (components, cuts)",
+                              check=_share, since_default=True)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the masks section's other bases
+            parent()
+
+    @property
+    def multiple(self) -> bool:
+        """Whether the method can give more than one proposal per image (what makes the masks
+        stage write mask shards of schema version 2)."""
+        return self.proposals != "single"
+
+    @classmethod
+    def of(cls, section: Any) -> "ProposalParams":
+        """The proposal keys of ``section`` (the ``masks`` section) as a ``ProposalParams``."""
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})

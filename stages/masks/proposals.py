@@ -23,7 +23,6 @@ A proposal's score: the mean of the soft saliency map over it when one is given,
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from artifacts.masks import Proposal
 from artifacts.shards import describe_array
+from stages.masks.params import PROPOSAL_METHODS, ProposalParams, ProposalsError
 
 __all__ = [
     "PROPOSAL_METHODS",
@@ -43,48 +43,6 @@ __all__ = [
     "proposals_from_mask",
     "single_proposal",
 ]
-
-PROPOSAL_METHODS = ("single", "components", "cuts")
-
-
-class ProposalsError(ValueError):
-    """Impossible proposal settings."""
-
-
-@dataclass(frozen=True)
-class ProposalParams:
-    """How an image's proposals are chosen (config keys ``masks.proposals``,
-    ``masks.max_proposals``, ``masks.min_proposal``); see the module docstring.
-
-    proposals: ``single`` | ``components`` | ``cuts``.
-    max_proposals: at most this many proposals per image (``components``, ``cuts``).
-    min_proposal: a proposal covers at least this share of the image's pixels, in [0, 1)
-        (``components``, ``cuts``).
-    """
-
-    proposals: str = "single"
-    max_proposals: int = 3
-    min_proposal: float = 0.01
-
-    def __post_init__(self) -> None:
-        int_ok = isinstance(self.max_proposals, (int, np.integer)) and not isinstance(self.max_proposals, bool)
-        real_ok = (isinstance(self.min_proposal, (int, float, np.integer, np.floating))
-                   and not isinstance(self.min_proposal, bool) and math.isfinite(self.min_proposal))
-        checks = {
-            "proposals": (self.proposals in PROPOSAL_METHODS, f"one of {', '.join(PROPOSAL_METHODS)}"),
-            "max_proposals": (int_ok and self.max_proposals >= 1, "an int >= 1"),
-            "min_proposal": (real_ok and 0 <= self.min_proposal < 1, "a number in [0, 1)"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
-                raise ProposalsError(f"masks.{name} must be {expected}, got {getattr(self, name)!r}")
-
-    @property
-    def multiple(self) -> bool:
-        """Whether the method can give more than one proposal per image (what makes the masks
-        stage write mask shards of schema version 2)."""
-        return self.proposals != "single"
-
 
 def _check_mask(mask: np.ndarray, soft: np.ndarray | None) -> None:
     if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2 or 0 in mask.shape:

@@ -5,6 +5,11 @@ Images are split into shards of ``shard_size`` in index order; each shard is com
 when all its chunks are in. A rerun after a crash or Ctrl-C finds the whole shards on disk and
 computes only the missing ones. Per-image results do not depend on where they were computed, so a
 local cluster, a remote one and the in-process path write identical shards.
+
+With ``proposals`` other than ``single`` (:class:`stages.masks.params.ProposalParams`) each record
+also carries the image's object proposals (:mod:`stages.masks.proposals`), so the shards are of
+schema version 2: ``components`` split the binary mask, ``cuts`` are the features estimator's
+repeated cuts of its feature grid (:meth:`stages.masks.features.FeatureEstimator.with_grid`).
 """
 from __future__ import annotations
 
@@ -19,10 +24,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from artifacts.atomic import atomic_write_json
-from artifacts.masks import SCHEMA_VERSION, MaskRecord, MaskStore, shard_name, write_mask_shard
+from artifacts.masks import (PROPOSALS_SCHEMA_VERSION, SCHEMA_VERSION, MaskRecord, MaskStore, shard_name,
+                             write_mask_shard)
 from stages.bookkeeping import without_bookkeeping
 from stages.data import BadInputError, Sample, load_image
 from stages.masks.imported import BadMaskError, load_imported_mask
+from stages.masks.params import ProposalParams
 from stages.masks.postprocess import PostParams, postprocess
 from stages.masks.priors import PriorParams, priors_saliency
 
@@ -92,22 +99,40 @@ class ChunkResult:
 
 
 def compute_chunk(shard: int, chunk: int, samples: Sequence[Sample], estimator: Callable, post: PostParams,
-                  store_soft: bool) -> ChunkResult:
-    """Masks for a few images. A bad image or mask file is skipped and reported, never fatal."""
+                  store_soft: bool, proposals: ProposalParams | None = None) -> ChunkResult:
+    """Masks for a few images. A bad image or mask file is skipped and reported, never fatal.
+    With ``proposals`` that can give several per image, each record carries them."""
     t0 = time.perf_counter()
+    multiple = proposals is not None and proposals.multiple
+    cuts = multiple and proposals.proposals == "cuts"
     records, skipped = [], []
     for sample in samples:
         try:
             img = load_image(sample.image)
-            soft = np.clip(np.asarray(estimator(img, sample), dtype=np.float32), 0.0, 1.0)
+            if cuts:  # the cuts need the feature grid the map came from
+                soft, grid, classes = estimator.with_grid(img)
+            else:
+                soft = estimator(img, sample)
+            soft = np.clip(np.asarray(soft, dtype=np.float32), 0.0, 1.0)
         except (BadInputError, BadMaskError) as exc:
             skipped.append((sample.id, str(exc)))
             continue
         if soft.shape != img.shape[:2]:
             raise ValueError(f"estimator returned a {soft.shape} map for {sample.image} of size {img.shape[:2]}")
         mask, kept, reason = postprocess(soft, post)
+        mask = mask.astype(bool)
+        found = None
+        if cuts:
+            from stages.masks.proposals import cut_proposals
+
+            found = cut_proposals(grid, mask.shape, proposals, estimator.params,
+                                  image=img if estimator.params.crf else None, classes=classes)
+        elif multiple:
+            from stages.masks.proposals import proposals_from_mask
+
+            found = proposals_from_mask(mask, proposals, soft)
         soft_u8 = np.round(soft * 255.0).astype(np.uint8) if store_soft else None
-        records.append(MaskRecord(sample.id, mask.astype(bool), soft_u8, bool(kept), "" if kept else reason))
+        records.append(MaskRecord(sample.id, mask, soft_u8, bool(kept), "" if kept else reason, found))
     return ChunkResult(shard, chunk, records, skipped, time.perf_counter() - t0)
 
 
@@ -133,8 +158,11 @@ def compute_masks(
     chunk_size: int = 8,
     progress: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
+    proposals: ProposalParams | None = None,
 ) -> dict[str, Any]:
-    """Write every missing shard of ``samples`` into ``out_dir``; return the summary figures."""
+    """Write every missing shard of ``samples`` into ``out_dir``; return the summary figures.
+    ``proposals``: how each image's object proposals are chosen; with ``single`` (or None) the
+    shards are of schema version 1, exactly as before proposals existed."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -143,6 +171,10 @@ def compute_masks(
     missing = [i for i in range(len(shards)) if not (out_dir / shard_name(i)).exists()]
     skipped = _load_skipped(out_dir)
     shard_attrs = {**(attrs or {}), "post": asdict(post), "store_soft": store_soft}
+    if proposals is not None and proposals.multiple:
+        shard_attrs["proposals"] = asdict(proposals)
+    else:
+        proposals = None
     todo = [(i, c, chunk) for i in missing for c, chunk in enumerate(_chunks(shards[i], chunk_size))]
     n_chunks = Counter(i for i, _, _ in todo)
     pending: dict[int, list[ChunkResult]] = {i: [] for i in missing}
@@ -153,7 +185,7 @@ def compute_masks(
     if on_shard:
         on_shard(done_shards, len(shards))
     try:
-        for res in _execute(todo, estimator, post, store_soft, client):
+        for res in _execute(todo, estimator, post, store_soft, client, proposals):
             bar.update(len(res.records) + len(res.skipped))
             compute_s += res.seconds
             pending[res.shard].append(res)
@@ -176,11 +208,11 @@ def compute_masks(
     return summarize(out_dir, skipped, n_computed=n_todo, wall_s=wall, compute_s=compute_s)
 
 
-def _execute(todo, estimator, post, store_soft, client) -> Iterator[ChunkResult]:
+def _execute(todo, estimator, post, store_soft, client, proposals=None) -> Iterator[ChunkResult]:
     """Yield chunk results as they complete, with a bounded number in flight."""
     if client is None:
         for shard, chunk, samples in todo:
-            yield compute_chunk(shard, chunk, samples, estimator, post, store_soft)
+            yield compute_chunk(shard, chunk, samples, estimator, post, store_soft, proposals)
         return
     from distributed import as_completed
 
@@ -191,7 +223,7 @@ def _execute(todo, estimator, post, store_soft, client) -> Iterator[ChunkResult]
 
     def submit(item):
         shard, chunk, samples = item
-        return client.submit(compute_chunk, shard, chunk, samples, est, post, store_soft,
+        return client.submit(compute_chunk, shard, chunk, samples, est, post, store_soft, proposals,
                              key=f"masks-{shard:05d}-{chunk:04d}-{id(todo):x}", retries=1)
 
     first = [submit(item) for _, item in zip(range(window), queue)]
@@ -220,7 +252,7 @@ def summarize(out_dir: Path, skipped: dict[str, str], **timing: float) -> dict[s
     reasons = Counter(str(r) for r, k in zip(table["reason"], kept) if not k)
     n = int(kept.size)
     summary: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": PROPOSALS_SCHEMA_VERSION if store.has_proposals else SCHEMA_VERSION,
         "n_images": n,
         "n_kept": int(kept.sum()),
         "n_dropped": int(n - kept.sum()),
@@ -229,6 +261,10 @@ def summarize(out_dir: Path, skipped: dict[str, str], **timing: float) -> dict[s
         "fg_fraction_mean": float(table["fg_fraction"].mean()) if n else 0.0,
         "n_shards": len(store.shard_paths),
     }
+    if store.has_proposals:
+        counts = table["n_proposals"][kept]
+        summary["n_proposals"] = int(counts.sum())
+        summary["proposals_per_kept_image"] = round(float(counts.mean()), 3) if counts.size else 0.0
     if skipped:
         summary["skipped_examples"] = dict(list(sorted(skipped.items()))[:20])
     if timing.get("n_computed"):

@@ -16,6 +16,7 @@ from stages.masks.proposals import (
     proposals_from_mask,
     single_proposal,
 )
+from stages.params import ParamError
 
 H, W = 60, 80
 
@@ -163,19 +164,20 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"proposals": "blobs"}, r"masks.proposals must be one of single, components, cuts, got 'blobs'"),
-    ({"max_proposals": 0}, r"masks.max_proposals must be an int >= 1, got 0"),
-    ({"max_proposals": 2.0}, r"masks.max_proposals must be an int >= 1, got 2.0"),
-    ({"max_proposals": True}, r"masks.max_proposals must be an int >= 1, got True"),
-    ({"min_proposal": 1.0}, r"masks.min_proposal must be a number in \[0, 1\), got 1.0"),
-    ({"min_proposal": -0.1}, r"masks.min_proposal must be a number in \[0, 1\), got -0.1"),
-    ({"min_proposal": float("nan")}, r"masks.min_proposal must be a number in \[0, 1\), got nan"),
-    ({"min_proposal": "0.1"}, r"masks.min_proposal must be a number in \[0, 1\), got '0.1'"),
+    ({"proposals": "blobs"}, r"proposals: expected one of 'single', 'components', 'cuts', got 'blobs'"),
+    ({"max_proposals": 0}, r"max_proposals: must be an int >= 1, got 0"),
+    ({"max_proposals": 2.0}, r"max_proposals: must be an int >= 1, got 2.0"),
+    ({"max_proposals": True}, r"max_proposals: must be an int >= 1, got True"),
+    ({"min_proposal": 1.0}, r"min_proposal: must be a number in \[0, 1\), got 1.0"),
+    ({"min_proposal": -0.1}, r"min_proposal: must be a number in \[0, 1\), got -0.1"),
+    ({"min_proposal": float("nan")}, r"min_proposal: must be a number in \[0, 1\), got nan"),
+    ({"min_proposal": "0.1"}, r"min_proposal: must be a number in \[0, 1\), got '0.1'"),
 ])
 def test_parameter_checks_name_the_key_and_the_expected_value(kwargs, match):
-    with pytest.raises(ProposalsError, match=match):
+    with pytest.raises(ParamError, match=match) as info:
         ProposalParams(**kwargs)
-    assert issubclass(ProposalsError, ValueError)
+    assert info.value.key == next(iter(kwargs))
+    assert issubclass(ProposalsError, ParamError) and issubclass(ProposalsError, ValueError)
 
 
 def test_proposals_are_artifact_proposals(planted):

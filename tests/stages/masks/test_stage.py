@@ -119,3 +119,61 @@ def test_onnx_estimator_on_u2netp(tmp_path, u2netp_path):
     compute_masks(ds.samples(), est, PostParams(), tmp_path / "out", progress=False)
     store = MaskStore(tmp_path / "out")
     assert len(store) == 2 and store.get("i00").mask.shape == (64, 72)
+
+
+# --------------------------------------------------------------------------- proposals
+
+
+def _demo(root, n_train=6, n_val=2):
+    from stages.data.demo import make_demo
+
+    return make_demo(root, n_train=n_train, n_val=n_val, size=96, seed=3, multi_object=True)
+
+
+def test_components_on_the_multi_object_demo_write_version_2_shards(tmp_path):
+    from artifacts.masks import PROPOSALS_SCHEMA_VERSION, SCHEMA_VERSION, read_shard_attrs
+    from stages.masks.params import ProposalParams
+
+    ds = _demo(tmp_path / "d")
+    est = PriorsEstimator(PriorParams(size=96, n_segments=100))
+    single = compute_masks(ds.samples(), est, PostParams(), tmp_path / "single", progress=False,
+                           proposals=ProposalParams())
+    comps = compute_masks(ds.samples(), est, PostParams(), tmp_path / "comps", progress=False,
+                          proposals=ProposalParams("components", max_proposals=3, min_proposal=0.01))
+    [s1], [s2] = (sorted((tmp_path / d).glob("shard-*.h5")) for d in ("single", "comps"))
+    assert read_shard_attrs(s1)["schema_version"] == SCHEMA_VERSION and "proposals" not in read_shard_attrs(s1)
+    attrs = read_shard_attrs(s2)
+    assert attrs["schema_version"] == PROPOSALS_SCHEMA_VERSION
+    assert attrs["proposals"] == {"proposals": "components", "max_proposals": 3, "min_proposal": 0.01}
+    assert single["schema_version"] == 1 and "n_proposals" not in single
+    assert comps["schema_version"] == 2 and comps["n_proposals"] >= comps["n_kept"]
+    # same masks either way; the proposals split them into separate objects
+    assert _records(tmp_path / "single") == _records(tmp_path / "comps")
+    store = MaskStore(tmp_path / "comps")
+    counts = [len(store.read_proposals(i)) for i in store.ids(kept_only=True)]
+    assert max(counts) >= 2 and all(1 <= c <= 3 for c in counts)
+    for id_ in store.ids():
+        rec = store.get(id_, proposals=True)
+        union = np.zeros(rec.shape, bool)
+        for p in rec.proposals:
+            assert not (union & p.mask).any() and (p.mask <= rec.mask).all() and p.area >= 0.01
+            union |= p.mask
+
+
+def test_cuts_proposals_come_from_the_features_estimators_grid(tmp_path):
+    from stages.masks.features import FeatureEstimator, FeatureParams
+    from stages.masks.params import ProposalParams
+
+    ds = _dataset(tmp_path / "d", n=3)
+    est = FeatureEstimator(FeatureParams(size=64, crf=False), weights=None)
+    img = np.asarray(Image.open(ds.samples()[0].image).convert("RGB"))
+    soft, grid, classes = est.with_grid(img)
+    assert np.array_equal(soft, est(img)) and grid.ndim == 3
+    params = ProposalParams("cuts", max_proposals=2, min_proposal=0.0)
+    summary = compute_masks(ds.samples(), est, PostParams(), tmp_path / "out", progress=False, proposals=params)
+    assert summary["schema_version"] == 2
+    store = MaskStore(tmp_path / "out")
+    for id_ in store.ids():
+        props = store.read_proposals(id_)
+        assert len(props) <= 2
+        assert all(p.mask.shape == store.get(id_).shape for p in props)
