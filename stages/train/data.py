@@ -13,7 +13,16 @@ whatever the number of loader workers or their scheduling, and a resumed run see
 an uninterrupted one would.
 
 A view pair is accepted when both crops' foreground fraction lies in the open interval
-(``min_fg``, ``max_fg``). Each image gets ``redraws`` draws (the reference: 3); after that, or at
+(``min_fg``, ``max_fg``).
+
+Several proposals per image (a mask store of schema version 2, ``proposals=True``): the mask is
+carried as a label map, 1..n for the image's proposals (best first), ``NO_PROPOSAL`` (255) for
+foreground no proposal covers, 0 for background, cropped and flipped with the same draws as a
+mask. A proposal leaves the view pair when its share of either crop is not above ``min_fg`` (the
+floor of a view's foreground); its pixels become ``NO_PROPOSAL`` (still foreground for the
+saliency loss, anchors of nothing), the survivors are numbered 1..n' alike in both views, and a
+pair with none left is redrawn as a pair with too little foreground is. With one proposal per
+image, the image's mask, the views and every draw are the one-mask ones. Each image gets ``redraws`` draws (the reference: 3); after that, or at
 once when the whole mask is outside the interval (no crop could pass) or the image cannot be read,
 a replacement image is chosen, deterministically from the same numbers. The counts of failed draws,
 replaced images and unreadable images travel with each item, so the loop can log them.
@@ -37,6 +46,7 @@ from .params import AugmentParams
 
 _REFERENCE = AugmentParams()
 STAT_NAMES = ("redraws", "replaced", "bad_images")  # order of the per-item stats vector
+NO_PROPOSAL = 255  # label of foreground no (surviving) proposal covers
 MAX_CANDIDATES = 16  # images tried for one index before giving up
 
 # Stream tags: the first entropy word, so that the streams never coincide.
@@ -119,6 +129,15 @@ def augment_view(image: Image.Image, mask: Image.Image, rng: np.random.Generator
     is shared, so the mask stays aligned with the image pixel for pixel (up to the different
     resampling of the two at the object's boundary).
     """
+    view, labels = augment_labels(image, mask, rng, aug)
+    return view, labels > 0
+
+
+def augment_labels(image: Image.Image, labels: Image.Image, rng: np.random.Generator,
+                   aug: ViewAugment) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`augment_view` of a label map: ``(uint8 S x S x 3 image, uint8 S x S labels)``;
+    ``labels`` is an ``L`` image (nearest resampling keeps its values)."""
+    mask = labels
     top, left, h, w = random_resized_crop_params(image.height, image.width, aug.scale, aug.ratio, rng)
     box = (left, top, left + w, top + h)
     size = (aug.crop_size, aug.crop_size)
@@ -131,14 +150,39 @@ def augment_view(image: Image.Image, mask: Image.Image, rng: np.random.Generator
     if rng.random() < aug.flip_p:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
         mask = mask.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(image), np.asarray(mask) > 0
+    return np.asarray(image), np.asarray(mask)
+
+
+def label_map(mask: np.ndarray, proposals: Sequence[np.ndarray]) -> np.ndarray:
+    """uint8 (H, W): 0 background, k for the k-th proposal (1-based, disjoint bool masks),
+    ``NO_PROPOSAL`` for foreground of ``mask`` no proposal covers."""
+    if len(proposals) >= NO_PROPOSAL:
+        raise TrainDataError(f"{len(proposals)} proposals in one image; at most {NO_PROPOSAL - 1} fit a label map")
+    labels = np.where(mask, NO_PROPOSAL, 0).astype(np.uint8)
+    for k, p in enumerate(proposals, start=1):
+        labels[p] = k
+    return labels
+
+
+def keep_proposals(q: np.ndarray, k: np.ndarray, min_fg: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The proposals of a view pair's label maps whose share of both views is above ``min_fg``,
+    renumbered 1..n in their order (the rest become ``NO_PROPOSAL``); returns (q, k, n)."""
+    n_q = np.bincount(q.ravel(), minlength=256)
+    n_k = np.bincount(k.ravel(), minlength=256)
+    ids = np.arange(1, NO_PROPOSAL)
+    kept = ids[(n_q[1:NO_PROPOSAL] > min_fg * q.size) & (n_k[1:NO_PROPOSAL] > min_fg * k.size)]
+    lut = np.full(256, NO_PROPOSAL, np.uint8)
+    lut[0] = 0
+    lut[kept] = np.arange(1, kept.size + 1, dtype=np.uint8)
+    return lut[q], lut[k], int(kept.size)
 
 
 class TwoViewDataset(Dataset):
     """Items ``(q_img, q_mask, k_img, k_mask, stats)`` for keys ``(epoch, index)``.
 
-    ``q_img``/``k_img``: uint8 3 x S x S; ``q_mask``/``k_mask``: bool S x S; ``stats``: int64 (3,)
-    counts of failed draws, replaced images and unreadable images (``STAT_NAMES``).
+    ``q_img``/``k_img``: uint8 3 x S x S; ``q_mask``/``k_mask``: bool S x S, or with
+    ``proposals`` uint8 S x S label maps (module docstring); ``stats``: int64 (3,) counts of
+    failed draws, replaced images and unreadable images (``STAT_NAMES``).
 
     Args:
         samples: the training images; ``index`` refers to this list.
@@ -147,11 +191,12 @@ class TwoViewDataset(Dataset):
         aug: view augmentation.
         min_fg, max_fg: accepted foreground fraction of each view (open interval).
         redraws: draws per image before another image is used (at least 1).
+        proposals: carry each image's proposals as label maps (module docstring).
     """
 
     def __init__(self, samples: Sequence[Sample], masks: MaskStore, seed: int,
                  aug: ViewAugment = ViewAugment(), min_fg: float = 0.01, max_fg: float = 0.99,
-                 redraws: int = 3) -> None:
+                 redraws: int = 3, proposals: bool = False) -> None:
         if not samples:
             raise TrainDataError("no training images")
         if redraws < 1:
@@ -165,6 +210,7 @@ class TwoViewDataset(Dataset):
         self.min_fg = min_fg
         self.max_fg = max_fg
         self.redraws = redraws
+        self.proposals = proposals
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -176,12 +222,15 @@ class TwoViewDataset(Dataset):
         """Image and mask of sample ``i`` as PIL images (BadInputError for an unreadable image)."""
         sample = self.samples[i]
         image = load_image(sample.image)  # H x W x 3 uint8
-        mask = self.masks.get(sample.id).mask  # H x W bool
+        record = self.masks.get(sample.id, proposals=self.proposals)
+        mask = record.mask  # H x W bool
         if mask.shape != image.shape[:2]:
             raise TrainDataError(
                 f"mask of {sample.id!r} in {self.masks.directory} is {mask.shape[1]}x{mask.shape[0]} but "
                 f"its image {sample.image} is {image.shape[1]}x{image.shape[0]}: the masks were made "
                 "from other images")
+        if self.proposals:
+            return Image.fromarray(image), Image.fromarray(label_map(mask, [p.mask for p in record.proposals]))
         return Image.fromarray(image), Image.fromarray(mask.view(np.uint8))
 
     def _replacement(self, epoch: int, index: int, candidate: int, current: int) -> int:
@@ -202,16 +251,21 @@ class TwoViewDataset(Dataset):
                 stats[2] += 1
                 current = self._replacement(epoch, index, candidate, current)
                 continue
-            fg = float(np.asarray(mask).mean())
+            fg = float((np.asarray(mask) > 0).mean())
             if self.min_fg < fg < self.max_fg:  # otherwise no crop can pass: replace at once
                 for _ in range(self.redraws):
                     rng = _rng(_VIEWS, self.seed, epoch, index, attempt)
                     attempt += 1
-                    q_img, q_mask = augment_view(image, mask, rng, self.aug)
-                    k_img, k_mask = augment_view(image, mask, rng, self.aug)
-                    if self._accept(q_mask) and self._accept(k_mask):
-                        return (_chw(q_img), torch.from_numpy(q_mask.copy()), _chw(k_img),
-                                torch.from_numpy(k_mask.copy()), torch.tensor(stats, dtype=torch.int64))
+                    q_img, q_mask = augment_labels(image, mask, rng, self.aug)
+                    k_img, k_mask = augment_labels(image, mask, rng, self.aug)
+                    if self._accept(q_mask > 0) and self._accept(k_mask > 0):
+                        if self.proposals:
+                            q_mask, k_mask, n = keep_proposals(q_mask, k_mask, self.min_fg)
+                        else:
+                            q_mask, k_mask, n = q_mask > 0, k_mask > 0, 1
+                        if n:
+                            return (_chw(q_img), torch.from_numpy(q_mask.copy()), _chw(k_img),
+                                    torch.from_numpy(k_mask.copy()), torch.tensor(stats, dtype=torch.int64))
                     stats[0] += 1
             stats[1] += 1
             current = self._replacement(epoch, index, candidate, current)

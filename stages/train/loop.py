@@ -59,7 +59,7 @@ from artifacts.checkpoints import (
 )
 from artifacts.masks import MaskStore
 from stages.bookkeeping import BOOKKEEPING
-from stages.common.prototypes import mask_prototypes
+from stages.common.prototypes import mask_prototypes, slot_prototypes
 from stages.common.weights import resolve_init
 from stages.data import Sample
 from stages.network.init import load_init
@@ -88,7 +88,7 @@ from .data import (
     derive_seed,
     make_loader,
 )
-from .loss import PrototypeQueue, balanced_bce, contrastive_loss
+from .loss import PrototypeQueue, balanced_bce, contrastive_loss, proposal_contrastive_loss
 from .params import AugmentParams, TrainParams
 
 REFERENCE_DROPOUT = 0.5
@@ -223,29 +223,95 @@ def key_prototypes(
     return all_protos[rank * b: (rank + 1) * b], all_valid[rank * b: (rank + 1) * b], all_protos
 
 
+def proposal_columns(slots: torch.Tensor, slot_valid: torch.Tensor,
+                     counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss's columns from per-slot prototypes: ``(P x D prototypes, valid P, column_of B x L)``.
+
+    ``slots``: B x L x D, ``slot_valid``: B x L, ``counts``: B proposals of each image (slots
+    ``0..counts[b] - 1`` exist). Columns follow (image, slot) order; ``column_of`` is -1 for
+    slots that do not exist."""
+    b, n_slots = slot_valid.shape
+    exists = torch.arange(n_slots, device=counts.device)[None, :] < counts[:, None]  # B x L
+    column_of = torch.where(exists, exists.reshape(-1).long().cumsum(0).view(b, n_slots) - 1,
+                            torch.full_like(exists, -1, dtype=torch.long))
+    return slots[exists], slot_valid[exists], column_of
+
+
+def proposal_counts(labels: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """B: proposals per image of label maps numbered 1..n (labels above ``n_slots`` are none)."""
+    lab = labels.reshape(labels.shape[0], -1).long()
+    return torch.where(lab <= n_slots, lab, torch.zeros_like(lab)).amax(1)
+
+
+@torch.no_grad()
+def key_proposal_prototypes(
+    key: MaskContrastModel, k_img: torch.Tensor, k_labels: torch.Tensor, n_slots: int,
+    shuffle: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`key_prototypes` with several proposals per image: ``(local P x D, local valid P,
+    column_of B x L, global P_all x D)``, one prototype per proposal of the key view's label map
+    ``k_labels`` (uint8 B x H x W, 1..n per image, see ``data``). Ranks exchange fixed-size
+    B x ``n_slots`` slot tensors, so their proposal counts may differ."""
+    counts = proposal_counts(k_labels, n_slots)  # B
+    if not D.is_dist() or shuffle is None:
+        emb = F.normalize(key(normalize_images(k_img))[0].float(), dim=1)  # B x D x H x W
+        slots, slot_valid = slot_prototypes(emb, k_labels, n_slots)  # B x L x D, B x L
+        all_slots, all_valid = D.all_gather_tensor(slots), D.all_gather_tensor(slot_valid.to(torch.uint8)).bool()
+    else:
+        b, rank = k_img.shape[0], D.get_rank()
+        images = D.all_gather_tensor(k_img)
+        labels = D.all_gather_tensor(k_labels)
+        perm = torch.randperm(images.shape[0], generator=shuffle).to(images.device)
+        mine = perm[rank * b: (rank + 1) * b]
+        emb = F.normalize(key(normalize_images(images[mine]))[0].float(), dim=1)
+        slots, slot_valid = slot_prototypes(emb, labels[mine], n_slots)
+        unshuffle = torch.argsort(perm)
+        all_slots = D.all_gather_tensor(slots)[unshuffle]
+        all_valid = D.all_gather_tensor(slot_valid.to(torch.uint8))[unshuffle].bool()
+        slots, slot_valid = all_slots[rank * b: (rank + 1) * b], all_valid[rank * b: (rank + 1) * b]
+    all_counts = D.all_gather_tensor(counts)
+    protos, valid, column_of = proposal_columns(slots, slot_valid, counts)
+    all_protos, _, _ = proposal_columns(all_slots, all_valid, all_counts)
+    return protos, valid, column_of, all_protos
+
+
 def train_step(
     enc: Encoders, q_img: torch.Tensor, q_mask: torch.Tensor, k_img: torch.Tensor, k_mask: torch.Tensor,
     *, temperature: float, key_momentum: float, amp_dtype: torch.dtype | None = None,
     shuffle: torch.Generator | None = None, contrastive_fn: Callable[..., torch.Tensor] = contrastive_loss,
+    n_slots: int = 1,
 ) -> torch.Tensor:
     """One optimisation step on a batch; returns detached float32 ``[loss, contrastive, saliency]``.
 
     ``q_img``/``k_img``: uint8 B x 3 x H x W on the model's device; ``q_mask``/``k_mask``: bool
-    B x H x W. The queue is read before and written after the optimiser step.
+    B x H x W (one mask per image, the loss ``contrastive_fn``), or uint8 label maps of up to
+    ``n_slots`` proposals per image (``data``; :func:`proposal_contrastive_loss`, one prototype
+    per proposal, the saliency target their union with the foreground of no proposal). The queue
+    is read before and written after the optimiser step; with proposals it takes all of the
+    step's proposals (``PrototypeQueue.enqueue(any_count=True)``).
     """
+    proposals = q_mask.dtype != torch.bool
     q_in = normalize_images(q_img)
     device_type = q_in.device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         q_emb, q_sal = enc.forward(q_in)  # B x D x H x W, B x 1 x H x W
         with torch.no_grad():
             enc.momentum_update(key_momentum)
-            protos, valid, all_protos = key_prototypes(enc.key, k_img, k_mask, shuffle)
+            if proposals:
+                protos, valid, column_of, all_protos = key_proposal_prototypes(enc.key, k_img, k_mask, n_slots,
+                                                                               shuffle)
+            else:
+                protos, valid, all_protos = key_prototypes(enc.key, k_img, k_mask, shuffle)
         if enc.queue is not None:
             negatives = enc.queue.negatives()  # filled x D
         else:
             negatives = protos.new_zeros((0, protos.shape[1]))
-        loss_c = contrastive_fn(q_emb, q_mask, protos, negatives, temperature, valid)
-        loss_s = balanced_bce(q_sal, q_mask)
+        if proposals:
+            loss_c = proposal_contrastive_loss(q_emb, q_mask, column_of, protos, negatives, temperature, valid)
+            loss_s = balanced_bce(q_sal, q_mask > 0)
+        else:
+            loss_c = contrastive_fn(q_emb, q_mask, protos, negatives, temperature, valid)
+            loss_s = balanced_bce(q_sal, q_mask)
     loss = loss_c.float() + loss_s.float()
     enc.optimizer.zero_grad(set_to_none=True)
     if enc.scaler is not None:
@@ -256,11 +322,20 @@ def train_step(
         loss.backward()
         enc.optimizer.step()
     if enc.queue is not None:
-        enc.queue.enqueue(all_protos)
+        enc.queue.enqueue(all_protos, any_count=proposals)
     return torch.stack([loss.detach(), loss_c.detach().float(), loss_s.detach().float()])
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def proposal_slots(store: MaskStore) -> int | None:
+    """Proposal slots per image for a mask store of schema version 2 (its most proposals in one
+    image, at least 1); None for a version-1 store, trained on one mask per image as before."""
+    if not store.has_proposals:
+        return None
+    counts = store.table()["n_proposals"]
+    return max(1, int(counts.max())) if counts.size else 1
 
 
 def _clone_tensors(obj: Any) -> Any:
@@ -432,15 +507,16 @@ class Trainer:
                                     info.rank, info.world_size)
         steps_per_epoch = sampler.steps_per_epoch
         total_steps = p.epochs * steps_per_epoch
+        n_slots = proposal_slots(store)
         dataset = TwoViewDataset(self.samples, store, p.seed, view_augment(p),
-                                 p.min_fg, p.max_fg, p.redraws)
+                                 p.min_fg, p.max_fg, p.redraws, proposals=n_slots is not None)
         loader = make_loader(dataset, sampler, p.num_workers, device.type == "cuda", p.seed)
         last = total_steps if self.max_steps is None else min(total_steps, self.max_steps)
         log = open(self.out_dir / LOG_FILE, "a", encoding="utf-8") if main else None
         bar = tqdm(total=total_steps, initial=self.global_step, unit="step", desc="train",
                    disable=not (self.progress and main), dynamic_ncols=True)
         try:
-            self._loop(enc, loader, info, device, amp_dtype, steps_per_epoch, last, log, bar)
+            self._loop(enc, loader, info, device, amp_dtype, steps_per_epoch, last, log, bar, n_slots or 1)
         finally:
             bar.close()
             if log is not None:
@@ -455,7 +531,7 @@ class Trainer:
         return {**self._summary(complete, len(self.samples), time.perf_counter() - started), **common}
 
     def _loop(self, enc: Encoders, loader, info: D.DistInfo, device: torch.device,
-              amp_dtype: torch.dtype | None, steps_per_epoch: int, last: int, log, bar) -> None:
+              amp_dtype: torch.dtype | None, steps_per_epoch: int, last: int, log, bar, n_slots: int = 1) -> None:
         p = self.params
         batches = iter(loader)
         acc = np.zeros(3)
@@ -475,7 +551,8 @@ class Trainer:
             losses = train_step(
                 enc, q_img.to(device, non_blocking=True), q_mask.to(device, non_blocking=True),
                 k_img.to(device, non_blocking=True), k_mask.to(device, non_blocking=True),
-                temperature=p.temperature, key_momentum=p.key_momentum, amp_dtype=amp_dtype, shuffle=shuffle)
+                temperature=p.temperature, key_momentum=p.key_momentum, amp_dtype=amp_dtype, shuffle=shuffle,
+                n_slots=n_slots)
             reduced = torch.cat([losses.double().cpu(), item_stats.sum(0).double()])
             if info.distributed:  # one collective: mean losses, summed data counts
                 reduced = D.all_reduce_mean(reduced.to(device)).cpu()

@@ -5,6 +5,10 @@ prototypes come from :func:`stages.common.prototypes.mask_prototypes`.
 Conventions: ``q_emb`` is the query network's raw embedding (B x D x H x W, normalised here per
 pixel); ``masks`` are B x H x W (bool, or float where > 0.5 is foreground for anchors);
 ``prototypes`` are B x D and ``queue`` K x D, both unit rows (or zero rows, see below).
+With several proposals per image (:func:`proposal_contrastive_loss`) the query view carries
+integer label maps (proposal l of an image is label l), ``prototypes`` are P x D, one per
+proposal of the batch, and ``column_of`` (B x L) maps each image's proposal to its row;
+:func:`contrastive_loss` is the case of one proposal per image.
 
 Empty masks: an image whose key mask is empty (or whose summed key embeddings cancel) gets a zero
 prototype and ``valid = False``. The loss then drops that image's query anchors (they have no
@@ -80,12 +84,20 @@ class PrototypeQueue(nn.Module):
         return self.queue[: int(self.filled)].clone()
 
     @torch.no_grad()
-    def enqueue(self, prototypes: torch.Tensor) -> None:
-        """Write a batch of prototypes (n x D) over the oldest rows; K must be a multiple of n."""
+    def enqueue(self, prototypes: torch.Tensor, any_count: bool = False) -> None:
+        """Write a batch of prototypes (n x D) over the oldest rows; K must be a multiple of n.
+
+        ``any_count``: the rule with several proposals per image, whose number varies from step
+        to step: any n is written (the last K of them when n > K), wrapping around the ring, so
+        the queue holds the K most recent proposals."""
         if prototypes.dim() != 2 or prototypes.shape[1] != self.dim:
             raise ValueError(f"prototypes must be n x {self.dim}, got shape {tuple(prototypes.shape)}")
+        if any_count:
+            prototypes = prototypes[-self.size:]
+            if prototypes.shape[0] == 0:
+                return
         n = prototypes.shape[0]
-        if n == 0 or self.size % n != 0:
+        if not any_count and (n == 0 or self.size % n != 0):
             raise ValueError(
                 f"queue size {self.size} is not a multiple of the batch of {n} prototypes it received;"
                 " choose K as a multiple of the (global) batch size"
@@ -140,8 +152,9 @@ class _ChunkedPixelContrast(torch.autograd.Function):
         ctx,
         q_emb: torch.Tensor,  # B x D x H x W, raw
         index: torch.Tensor,  # A, flat anchor positions b * HW + p
+        target: torch.Tensor,  # A, the column of each anchor's own prototype
         columns: torch.Tensor,  # N x D, [prototypes; queue]
-        class_weight: torch.Tensor,  # B, weight of an anchor by its image
+        class_weight: torch.Tensor,  # P, weight of an anchor by its target column
         weight_sum: torch.Tensor,  # scalar, sum of the anchors' weights
         temperature: float,
         chunk_size: int,
@@ -154,12 +167,13 @@ class _ChunkedPixelContrast(torch.autograd.Function):
             cols = columns.to(dtype) / temperature  # N x D
             for start in range(0, index.numel(), chunk_size):
                 idx = index[start : start + chunk_size]
+                tgt = target[start : start + chunk_size]
                 img, pix = idx // (h * w), idx % (h * w)
                 y = F.normalize(q_flat[img, :, pix].to(dtype), dim=1)  # c x D
                 logits = y @ cols.t()  # c x N
-                nll = torch.logsumexp(logits, dim=1) - logits.gather(1, img[:, None]).squeeze(1)
-                total += (class_weight[img].to(dtype) * nll).sum()
-        ctx.save_for_backward(q_emb, index, columns, class_weight, weight_sum)
+                nll = torch.logsumexp(logits, dim=1) - logits.gather(1, tgt[:, None]).squeeze(1)
+                total += (class_weight[tgt].to(dtype) * nll).sum()
+        ctx.save_for_backward(q_emb, index, target, columns, class_weight, weight_sum)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         return total / weight_sum.to(dtype)
@@ -167,8 +181,8 @@ class _ChunkedPixelContrast(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        q_emb, index, columns, class_weight, weight_sum = ctx.saved_tensors
-        need_q, need_cols = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        q_emb, index, target, columns, class_weight, weight_sum = ctx.saved_tensors
+        need_q, need_cols = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         b, d, h, w = q_emb.shape
         dtype = torch.promote_types(q_emb.dtype, torch.float32)
         q_flat = q_emb.reshape(b, d, h * w)
@@ -180,16 +194,17 @@ class _ChunkedPixelContrast(torch.autograd.Function):
             cols = columns.to(dtype) / ctx.temperature  # N x D
             for start in range(0, index.numel(), ctx.chunk_size):
                 idx = index[start : start + ctx.chunk_size]
+                tgt = target[start : start + ctx.chunk_size]
                 img, pix = idx // (h * w), idx % (h * w)
                 x = q_flat[img, :, pix].to(dtype)  # c x D
                 norm = x.norm(dim=1, keepdim=True)  # c x 1
                 y = x / norm.clamp_min(eps)
-                # d(loss)/d(logits) = w_img * (softmax - onehot(img)) * grad_out / sum(w)
+                # d(loss)/d(logits) = w_tgt * (softmax - onehot(tgt)) * grad_out / sum(w)
                 g = y @ cols.t()  # c x N logits, turned into the softmax in place (one block)
                 g.sub_(g.amax(dim=1, keepdim=True)).exp_()
                 g.div_(g.sum(dim=1, keepdim=True))
-                g[torch.arange(idx.numel(), device=g.device), img] -= 1.0
-                g *= (class_weight[img].to(dtype) * scale)[:, None]
+                g[torch.arange(idx.numel(), device=g.device), tgt] -= 1.0
+                g *= (class_weight[tgt].to(dtype) * scale)[:, None]
                 if need_cols:
                     grad_cols += g.t() @ y / ctx.temperature
                 if need_q:
@@ -200,7 +215,7 @@ class _ChunkedPixelContrast(torch.autograd.Function):
                     grad_q[img, :, pix] = gx.to(grad_q.dtype)
         grad_q = grad_q.reshape(q_emb.shape) if need_q else None
         grad_cols = grad_cols.to(columns.dtype) if need_cols else None
-        return grad_q, None, grad_cols, None, None, None, None
+        return grad_q, None, None, grad_cols, None, None, None, None
 
 
 def contrastive_loss(
@@ -219,6 +234,7 @@ def contrastive_loss(
     gradient of ``q_emb``. Computed in float32 (or float64 for float64 inputs), autocast off, so
     it is safe under mixed precision; the gradient comes back in ``q_emb``'s dtype. Gradients
     reach ``prototypes`` / ``queue`` only if they require grad (they normally do not).
+    It is :func:`proposal_contrastive_loss` with one proposal per image, the image's mask.
 
     Args:
         q_emb: B x D x H x W raw query embedding.
@@ -232,23 +248,129 @@ def contrastive_loss(
         scalar loss (float32 or float64); zero, still attached to ``q_emb``, without anchors.
     """
     _check_shapes(q_emb, masks_q, prototypes, queue)
+    b = q_emb.shape[0]
+    labels = _foreground(masks_q).to(torch.uint8)  # B x H x W: the mask is proposal 1
+    column_of = torch.arange(b, device=q_emb.device).view(b, 1)  # image i's proposal is column i
+    return proposal_contrastive_loss(q_emb, labels, column_of, prototypes, queue, temperature, valid, chunk_size)
+
+
+def _check_proposals(q_emb: torch.Tensor, labels_q: torch.Tensor, column_of: torch.Tensor,
+                     prototypes: torch.Tensor, queue: torch.Tensor) -> None:
+    if q_emb.dim() != 4:
+        raise ValueError(f"q_emb must be B x D x H x W, got shape {tuple(q_emb.shape)}")
+    b, d, h, w = q_emb.shape
+    if tuple(labels_q.shape) != (b, h, w) or labels_q.dtype.is_floating_point or labels_q.dtype == torch.bool:
+        raise ValueError(f"labels_q must be integer {(b, h, w)} to match q_emb, got {labels_q.dtype} "
+                         f"{tuple(labels_q.shape)}")
+    if column_of.dim() != 2 or column_of.shape[0] != b:
+        raise ValueError(f"column_of must be {b} x L (a column per image and proposal slot), "
+                         f"got shape {tuple(column_of.shape)}")
+    if prototypes.dim() != 2 or prototypes.shape[1] != d:
+        raise ValueError(f"prototypes must be P x {d} (one per proposal), got shape {tuple(prototypes.shape)}")
+    if column_of.numel() and int(column_of.max()) >= prototypes.shape[0]:
+        raise ValueError(f"column_of names a column beyond the {prototypes.shape[0]} prototypes")
+    if queue.dim() != 2 or queue.shape[1] != d:
+        raise ValueError(f"queue must be K x {d}, got shape {tuple(queue.shape)}")
+
+
+def _proposal_anchors(labels_q: torch.Tensor, column_of: torch.Tensor,
+                      valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat anchor positions b * HW + p, A; their target columns, A): the pixels whose label
+    l in 1..L names a slot with a column (``column_of[b, l - 1] >= 0``) whose prototype is valid."""
+    b, n_slots = column_of.shape
+    hw = labels_q.shape[1] * labels_q.shape[2]
+    lab = labels_q.reshape(-1).long()  # BHW
+    in_slot = (lab >= 1) & (lab <= n_slots)
+    index = in_slot.nonzero().squeeze(1)  # candidate anchors, in pixel order
+    target = column_of.to(index.device)[index // hw, lab[index] - 1]  # A
+    keep = target >= 0
+    if valid is not None:
+        keep &= valid.to(device=index.device, dtype=torch.bool)[target.clamp_min(0)]
+    return index[keep], target[keep]
+
+
+def proposal_contrastive_loss(
+    q_emb: torch.Tensor,
+    labels_q: torch.Tensor,
+    column_of: torch.Tensor,
+    prototypes: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """The pixel-to-prototype loss with several proposals per image, each its own prototype.
+
+    Anchors are the query pixels of each proposal; an anchor's positive is its proposal's
+    prototype, its negatives every other column: the batch's other proposals (of other images
+    and of its own image) and the queue. The pixel-balancing class weights are per proposal:
+    w_p = 1 / ln(1.02 + share of anchors in proposal p), the loss their weighted mean.
+    With one proposal per image (``column_of`` = image index) this is :func:`contrastive_loss`,
+    in value and gradients, to the bit.
+
+    Args:
+        q_emb: B x D x H x W raw query embedding.
+        labels_q: B x H x W integer proposal labels: l in 1..L is slot l - 1 of its image; 0 and
+            labels above L (e.g. 255: foreground of no proposal) are not anchors.
+        column_of: B x L long, the row of ``prototypes`` of each image's slot, -1 for no proposal.
+        prototypes: P x D key prototypes of the batch's proposals (the positives).
+        queue: K x D earlier prototypes, K may be 0.
+        temperature: tau, logits are cosine / tau.
+        valid: P bool; anchors of invalid prototypes are dropped (their columns stay).
+        chunk_size: anchors per block.
+    Returns:
+        scalar loss (float32 or float64); zero, still attached to ``q_emb``, without anchors.
+    """
+    _check_proposals(q_emb, labels_q, column_of, prototypes, queue)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of anchors, got {chunk_size}")
-    b = q_emb.shape[0]
-    hw = q_emb.shape[2] * q_emb.shape[3]
-    index = _anchor_mask(masks_q, valid).reshape(-1).nonzero().squeeze(1)  # A
+    index, target = _proposal_anchors(labels_q, column_of, valid)  # A, A
     if index.numel() == 0:
         return q_emb.sum().float() * 0.0
     dtype = torch.promote_types(q_emb.dtype, torch.float32)
-    counts = torch.bincount(index // hw, minlength=b).to(dtype)  # B
-    class_weight = 1.0 / torch.log(1.02 + counts / index.numel())  # B
+    counts = torch.bincount(target, minlength=prototypes.shape[0]).to(dtype)  # P
+    class_weight = 1.0 / torch.log(1.02 + counts / index.numel())  # P
     weight_sum = (class_weight * counts).sum()
-    columns = torch.cat([prototypes.to(dtype), queue.to(dtype)], dim=0)  # (B + K) x D
+    columns = torch.cat([prototypes.to(dtype), queue.to(dtype)], dim=0)  # (P + K) x D
     return _ChunkedPixelContrast.apply(
-        q_emb, index, columns, class_weight, weight_sum, float(temperature), int(chunk_size)
+        q_emb, index, target, columns, class_weight, weight_sum, float(temperature), int(chunk_size)
     )
+
+
+def proposal_contrastive_loss_naive(
+    q_emb: torch.Tensor,
+    labels_q: torch.Tensor,
+    column_of: torch.Tensor,
+    prototypes: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference of :func:`proposal_contrastive_loss`, written per anchor with the full
+    anchors x (P + K) logit matrix and ``F.cross_entropy``'s class weights."""
+    _check_proposals(q_emb, labels_q, column_of, prototypes, queue)
+    b, d, h, w = q_emb.shape
+    q = F.normalize(q_emb, dim=1).permute(0, 2, 3, 1).reshape(-1, d)  # BHW x D
+    rows, targets = [], []
+    for i in range(b):
+        for slot in range(column_of.shape[1]):
+            col = int(column_of[i, slot])
+            if col < 0 or (valid is not None and not bool(valid[col])):
+                continue
+            pix = (labels_q[i].reshape(-1) == slot + 1).nonzero().squeeze(1)
+            rows.append(i * h * w + pix)
+            targets.append(torch.full_like(pix, col))
+    index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    if index.numel() == 0:
+        return q_emb.sum() * 0.0
+    target = torch.cat(targets)
+    anchors = q[index]  # A x D
+    logits = torch.cat([anchors @ prototypes.to(anchors.dtype).t(), anchors @ queue.to(anchors.dtype).t()],
+                       dim=1) / temperature  # A x (P + K)
+    share = torch.bincount(target, minlength=logits.shape[1]).to(logits.dtype) / target.numel()
+    return F.cross_entropy(logits, target, weight=1.0 / torch.log(1.02 + share))
 
 
 def balanced_bce(sal_logit: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

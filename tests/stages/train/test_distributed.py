@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from artifacts.checkpoints import LOG_FILE, read_jsonl
-from artifacts.masks import MaskRecord, write_mask_shard
+from artifacts.masks import MaskRecord, Proposal, write_mask_shard
 from stages.train import distributed as D
 
 REPO = Path(__file__).resolve().parents[3]
@@ -91,7 +91,10 @@ WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_gloo_processes_train_with_consistent_weights_and_a_falling_loss(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proposals", [False, True], ids=["one-mask", "two-proposals"])
+def test_two_gloo_processes_train_with_consistent_weights_and_a_falling_loss(tmp_path: Path, proposals) -> None:
+    """With proposals (a second square, each square its own proposal) the ranks exchange
+    fixed-size proposal slots and still agree on the weights and the queue."""
     rng = np.random.default_rng(0)
     samples, records = [], []
     for i in range(8):
@@ -100,9 +103,17 @@ def test_two_gloo_processes_train_with_consistent_weights_and_a_falling_loss(tmp
         y, x = rng.integers(0, 20, 2)
         mask[y:y + 18, x:x + 22] = True
         pixels[mask] = (230, 40, 40)
+        found = None
+        if proposals:
+            second = np.zeros_like(mask)
+            second[:8, 40:] = True
+            second &= ~mask
+            pixels[second] = (40, 40, 230)
+            found = [Proposal(mask.copy(), 1.0)] + ([Proposal(second, 1.0)] if second.any() else [])
+            mask = mask | second
         Image.fromarray(pixels).save(tmp_path / f"im{i}.png")
         samples.append((f"im{i}", str(tmp_path / f"im{i}.png")))
-        records.append(MaskRecord(f"im{i}", mask))
+        records.append(MaskRecord(f"im{i}", mask, proposals=found))
     write_mask_shard(tmp_path / "masks" / "shard-00000.h5", records)
     (tmp_path / "dump").mkdir()
     params = dict(backbone="resnet18", epochs=8, batch_size=4, queue_size=4, crop_size=32, embedding_dim=8,
