@@ -20,6 +20,23 @@ mask shards (:mod:`artifacts.masks`; what both share is in :mod:`artifacts.shard
   byte-shuffled and compressed (gzip by default; the decoder trunk is post-ReLU, so about half its
   values are zeros), so reading one image's features decompresses exactly one chunk.
 
+Version 2 (written when the records carry proposals, :attr:`EmbeddingRecord.proposals`: the
+extract stage on a version-2 mask artifact, or splitting the saliency head's mask) is version 1
+plus each image's proposals, a second CSR level as in mask shards version 2:
+
+- ``proposal_rows`` (int64, n + 1): the proposals of image i are rows
+  ``proposal_rows[i]:proposal_rows[i + 1]`` (P in all); an image may have none.
+- ``proposal_prototypes`` (float32, P x D), ``proposal_valid`` (bool, P): one prototype per
+  proposal, as ``prototypes`` per image.
+- ``proposal_masks`` (uint8, flat) + ``proposal_offsets`` (int64, P + 1): each proposal's mask at
+  the image's original resolution, bit-packed and placed like ``masks``.
+
+``prototypes``, ``valid`` and ``masks`` keep their version-1 meaning (the image's salient
+region), so a reader that wants one prototype per image (the linear probe, the clusters stage)
+reads both versions alike. The regions the K-means and retrieval protocols label
+(:meth:`EmbeddingStore.regions`) are an image's proposals (version 2; an image without any gives
+one empty, invalid region) or the image's salient region (version 1).
+
 A shard of zero images (every image of its block was unreadable) is a valid shard: it marks the
 block as done. Readers open files lazily, read-only, without a chunk cache, and reopen after
 pickling or ``fork`` (DataLoader and dask workers). :class:`EmbeddingShardWriter` streams the
@@ -55,6 +72,9 @@ from artifacts.shards import (
     fraction_summary,
     int_range,
     pack_mask,
+    packed_size,
+    placement_ok,
+    unpack_mask,
     write_header,
     write_placed,
 )
@@ -67,6 +87,8 @@ __all__ = [
     "EmbeddingShardReader",
     "EmbeddingShardWriter",
     "EmbeddingStore",
+    "ProposalEmbedding",
+    "REGIONS_SCHEMA_VERSION",
     "read_shard_attrs",
     "shard_index",
     "shard_name",
@@ -75,13 +97,42 @@ __all__ = [
 ]
 
 SCHEMA = "maskcontrast/embeddings"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1          # written for records without proposals
+REGIONS_SCHEMA_VERSION = 2  # written for records with proposals
 
 _NORM_TOL = 1e-3  # |‖prototype‖ - 1| allowed for a valid prototype (float32 rounding)
 
 
 class EmbeddingFormatError(ValueError):
     """A file that is not a readable embedding shard: wrong schema, unknown version, or corrupt."""
+
+
+def _check_prototype(what: str, p: np.ndarray, valid: bool) -> None:
+    if not isinstance(p, np.ndarray) or p.dtype != np.float32 or p.ndim != 1 or p.size == 0:
+        raise ValueError(f"prototype of {what} must be a non-empty float32 (D,) array, got {describe_array(p)}")
+    if valid:
+        norm = float(np.linalg.norm(p.astype(np.float64)))
+        if not np.isfinite(norm) or abs(norm - 1.0) > _NORM_TOL:
+            raise ValueError(f"valid prototype of {what} must be L2-normalised, its norm is {norm}")
+    elif p.any():
+        raise ValueError(f"invalid prototype of {what} must be all zeros")
+
+
+@dataclass
+class ProposalEmbedding:
+    """One proposal of an image in an embedding shard: its bool (H, W) mask at the image's
+    original resolution, its prototype (float32 (D,), L2-normalised; zeros when not ``valid``)."""
+
+    mask: np.ndarray
+    prototype: np.ndarray
+    valid: bool
+
+    def __post_init__(self) -> None:
+        m = self.mask
+        if not isinstance(m, np.ndarray) or m.dtype != np.bool_ or m.ndim != 2 or 0 in m.shape:
+            raise ValueError(f"proposal mask must be a non-empty bool (H, W) array, got {describe_array(m)}")
+        self.valid = bool(self.valid)
+        _check_prototype("a proposal", self.prototype, self.valid)
 
 
 @dataclass
@@ -91,26 +142,28 @@ class EmbeddingRecord(ShardRecord):
     ``mask``: bool (H, W), the predicted (or given) salient region at the image's original
     resolution. ``prototype``: float32 (D,), L2-normalised, or zeros with ``valid=False`` when the
     image has no salient pixel. ``features``: float16 (C, f, f) decoder features, or None.
+    ``proposals``: the image's proposals with their prototypes (a record with them is written as
+    schema version 2), or None (version 1; and on reading, unless asked for).
     """
 
     prototype: np.ndarray
     valid: bool
     features: np.ndarray | None = None
+    proposals: list[ProposalEmbedding] | None = None
     _kind: ClassVar[str] = "embedding"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        p = self.prototype
-        if not isinstance(p, np.ndarray) or p.dtype != np.float32 or p.ndim != 1 or p.size == 0:
-            raise ValueError(f"prototype of {self.id!r} must be a non-empty float32 (D,) array, "
-                             f"got {describe_array(p)}")
         self.valid = bool(self.valid)
-        if self.valid:
-            norm = float(np.linalg.norm(p.astype(np.float64)))
-            if not np.isfinite(norm) or abs(norm - 1.0) > _NORM_TOL:
-                raise ValueError(f"valid prototype of {self.id!r} must be L2-normalised, its norm is {norm}")
-        elif p.any():
-            raise ValueError(f"invalid prototype of {self.id!r} must be all zeros")
+        _check_prototype(repr(self.id), self.prototype, self.valid)
+        if self.proposals is not None:
+            self.proposals = list(self.proposals)
+            for k, p in enumerate(self.proposals):
+                if not isinstance(p, ProposalEmbedding):
+                    raise ValueError(f"proposal {k} of {self.id!r} must be a ProposalEmbedding, got {type(p).__name__}")
+                if p.mask.shape != self.mask.shape or p.prototype.shape != self.prototype.shape:
+                    raise ValueError(f"proposal {k} of {self.id!r} has mask {p.mask.shape} and prototype "
+                                     f"{p.prototype.shape}, its image {self.mask.shape} and {self.prototype.shape}")
         f = self.features
         if f is not None and (not isinstance(f, np.ndarray) or f.dtype != np.float16 or f.ndim != 3):
             raise ValueError(f"features of {self.id!r} must be a float16 (C, h, w) array, got {describe_array(f)}")
@@ -149,9 +202,72 @@ class _Index(ShardIndex):
             return f"features dataset holds {n_features} rows of shape {self.feature_shape}, expected {n}"
         return None
 
+    has_proposals: ClassVar[bool] = False
+
+    def region_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The regions the K-means and retrieval protocols label: (counts (n,) per image,
+        prototypes (R, D), valid (R,)); version 1: each image's salient region."""
+        return np.ones(len(self.ids), np.int64), self.prototypes, self.valid
+
+
+@dataclass
+class _IndexV2(_Index):
+    """Version 2: version 1's rows plus the proposals' index (the second CSR level)."""
+
+    proposal_rows: np.ndarray         # int64 (n + 1,)
+    proposal_offsets: np.ndarray      # int64 (P + 1,)
+    proposal_prototypes: np.ndarray   # float32 (P, D)
+    proposal_valid: np.ndarray        # bool (P,)
+
+    has_proposals: ClassVar[bool] = True
+
+    @classmethod
+    def read_rows(cls, f: h5py.File) -> dict[str, Any]:
+        return dict(
+            super().read_rows(f),
+            proposal_rows=f["proposal_rows"][()].astype(np.int64),
+            proposal_offsets=f["proposal_offsets"][()].astype(np.int64),
+            proposal_prototypes=f["proposal_prototypes"][()].astype(np.float32),
+            proposal_valid=f["proposal_valid"][()].astype(bool),
+        )
+
+    def rows_match(self, n: int) -> bool:
+        return super().rows_match(n) and self.proposal_rows.shape == (n + 1,)
+
+    def data_problem(self, f: h5py.File, n: int) -> str | None:
+        problem = super().data_problem(f, n)
+        if problem:
+            return problem
+        rows, n_prop = self.proposal_rows, self.proposal_valid.shape[0]
+        if rows[0] != 0 or rows[-1] != n_prop or (np.diff(rows) < 0).any():
+            return f"proposal_rows do not run from 0 to the {n_prop} proposals in order"
+        if self.proposal_prototypes.ndim != 2 or self.proposal_prototypes.shape[0] != n_prop:
+            return "proposal_prototypes and proposal_valid differ in length"
+        sizes = np.repeat(self.mask_bytes, np.diff(rows))
+        if not placement_ok(self.proposal_offsets, sizes, f["proposal_masks"].shape[0]):
+            return "proposal_offsets do not match shapes, proposal_rows and the proposal_masks dataset"
+        return None
+
+    def region_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        counts = np.diff(self.proposal_rows)
+        if (counts > 0).all():
+            return counts, self.proposal_prototypes, self.proposal_valid
+        # an image without proposals keeps one empty region (zero prototype, invalid)
+        dim = self.prototypes.shape[1] if self.prototypes.ndim == 2 else self.proposal_prototypes.shape[1]
+        protos, valid = [], []
+        for i, c in enumerate(counts):
+            first = self.proposal_rows[i]
+            if c:
+                protos.append(self.proposal_prototypes[first:first + c])
+                valid.append(self.proposal_valid[first:first + c])
+            else:
+                protos.append(np.zeros((1, dim), np.float32))
+                valid.append(np.zeros(1, bool))
+        return np.maximum(counts, 1), np.concatenate(protos), np.concatenate(valid)
+
 
 _FORMAT = ShardFormat(kind="embedding", prefix="emb", schema=SCHEMA, error=EmbeddingFormatError,
-                      index_types={1: _Index})
+                      index_types={SCHEMA_VERSION: _Index, REGIONS_SCHEMA_VERSION: _IndexV2})
 
 
 # shard_name(3) == "emb-00003.h5"; shard_index is its inverse, None for any other name.
@@ -194,6 +310,7 @@ class EmbeddingShardWriter:
         self._prototypes: list[np.ndarray] = []
         self._valid: list[bool] = []
         self._fraction: list[float] = []
+        self._proposals: list[list[ProposalEmbedding]] | None = None  # per record, when they carry them
 
     def __enter__(self) -> EmbeddingShardWriter:
         stack = ExitStack()
@@ -215,6 +332,9 @@ class EmbeddingShardWriter:
         if n and (record.features is not None) != has_features:
             raise ValueError(f"{self.path}: record {record.id!r} {'lacks' if has_features else 'has'} features "
                              f"and earlier records {'have' if has_features else 'do not'}; all or none must")
+        if n and (record.proposals is not None) != (self._proposals is not None):
+            raise ValueError(f"{self.path}: record {record.id!r} {'has' if record.proposals is not None else 'lacks'} "
+                             "proposals and earlier records do not; all or none must")
         if record.features is not None:
             if self._features is None:
                 c, h, w = record.features.shape
@@ -234,6 +354,10 @@ class EmbeddingShardWriter:
         self._prototypes.append(record.prototype)
         self._valid.append(record.valid)
         self._fraction.append(record.salient_fraction)
+        if record.proposals is not None:
+            if self._proposals is None:
+                self._proposals = []
+            self._proposals.append([ProposalEmbedding(p.mask, p.prototype, p.valid) for p in record.proposals])
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -241,12 +365,23 @@ class EmbeddingShardWriter:
     def _finish(self, f: h5py.File) -> None:
         """Write the root attrs and every dataset but the features (already written)."""
         n = len(self._ids)
-        write_header(f, SCHEMA, SCHEMA_VERSION, self._root_attrs, self._ids, self._shapes)
+        version = REGIONS_SCHEMA_VERSION if n and self._proposals is not None else SCHEMA_VERSION
+        write_header(f, SCHEMA, version, self._root_attrs, self._ids, self._shapes)
         dim = self._prototypes[0].size if n else 0
         f.create_dataset("prototypes", data=np.array(self._prototypes, dtype=np.float32).reshape(n, dim))
         f.create_dataset("valid", data=np.array(self._valid, dtype=bool).reshape(n))
         f.create_dataset("salient_fraction", data=np.array(self._fraction, dtype=np.float32).reshape(n))
         write_placed(f, "masks", "offsets", self._packed, self._chunk, self._compression)
+        if version == REGIONS_SCHEMA_VERSION:
+            props = [p for per_image in self._proposals for p in per_image]
+            rows = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum([len(per_image) for per_image in self._proposals], out=rows[1:])
+            f.create_dataset("proposal_rows", data=rows)
+            f.create_dataset("proposal_prototypes",
+                             data=np.array([p.prototype for p in props], dtype=np.float32).reshape(len(props), dim))
+            f.create_dataset("proposal_valid", data=np.array([p.valid for p in props], dtype=bool).reshape(len(props)))
+            write_placed(f, "proposal_masks", "proposal_offsets", [pack_mask(p.mask) for p in props], self._chunk,
+                         self._compression)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         stack, file = self._stack, self._file
@@ -288,11 +423,34 @@ class EmbeddingShardReader(ShardReader[_Index]):
     """
 
     format = _FORMAT
-    held_datasets = ("masks", "features")
+    held_datasets = ("masks", "features", "proposal_masks")
 
     @property
     def has_features(self) -> bool:
         return self.index.feature_shape is not None
+
+    @property
+    def has_proposals(self) -> bool:
+        """Whether the shard stores proposals (schema version 2)."""
+        return self.index.has_proposals
+
+    def read_regions(self, key: int | str) -> list[ProposalEmbedding]:
+        """The regions of row ``key`` or id ``key`` the protocols label (see
+        :meth:`EmbeddingStore.regions`), each with its mask and prototype."""
+        i = self._row(key)
+        idx = self.index
+        if not idx.has_proposals:
+            return [ProposalEmbedding(self._read_mask(i), idx.prototypes[i].copy(), bool(idx.valid[i]))]
+        h, w = idx.shapes[i]
+        first, last = idx.proposal_rows[i], idx.proposal_rows[i + 1]
+        if first == last:
+            return [ProposalEmbedding(np.zeros((h, w), bool), np.zeros_like(idx.prototypes[i]), False)]
+        size = packed_size(h, w)
+        offsets = idx.proposal_offsets
+        block = self._dataset("proposal_masks")[offsets[first]:offsets[last - 1] + size]
+        return [ProposalEmbedding(unpack_mask(block[offsets[k] - offsets[first]:offsets[k] - offsets[first] + size], h, w),
+                                  idx.proposal_prototypes[k].copy(), bool(idx.proposal_valid[k]))
+                for k in range(first, last)]
 
     def features(self, key: int | str) -> np.ndarray:
         """float16 (C, f, f) features of one row or id (ValueError if the shard has none)."""
@@ -306,10 +464,15 @@ class EmbeddingShardReader(ShardReader[_Index]):
         return EmbeddingRecord(idx.ids[i], mask, idx.prototypes[i].copy(), bool(idx.valid[i]),
                                self.features(i) if features else None)
 
-    def get(self, key: int | str, features: bool = False) -> EmbeddingRecord:
-        """The record at row ``key`` or with id ``key``; ``features=True`` also reads its features."""
+    def get(self, key: int | str, features: bool = False, proposals: bool = False) -> EmbeddingRecord:
+        """The record at row ``key`` or with id ``key``; ``features=True`` also reads its features,
+        ``proposals=True`` its proposals (version 2; None for a version-1 shard)."""
         i = self._row(key)
-        return self._record(i, self._read_mask(i), features)
+        record = self._record(i, self._read_mask(i), features)
+        if proposals and self.has_proposals:
+            idx = self.index
+            record.proposals = ([] if idx.proposal_rows[i] == idx.proposal_rows[i + 1] else self.read_regions(i))
+        return record
 
     def iter(self, features: bool = False) -> Iterator[EmbeddingRecord]:
         """Records in file order, reading blocks of consecutive masks (~1 MiB packed) at a time."""
@@ -357,10 +520,36 @@ class EmbeddingStore(ShardStore[EmbeddingShardReader]):
         """The first shard's decoded root attrs ({} for an empty store)."""
         return self._readers[0].attrs if self._readers else {}
 
-    def get(self, id: str, features: bool = False) -> EmbeddingRecord:
+    def get(self, id: str, features: bool = False, proposals: bool = False) -> EmbeddingRecord:
         """The record of image ``id`` (KeyError if no shard holds it)."""
         reader, row = self._locate(id)
-        return reader.get(row, features=features)
+        return reader.get(row, features=features, proposals=proposals)
+
+    @property
+    def has_proposals(self) -> bool:
+        """Whether any shard stores proposals (schema version 2)."""
+        return any(reader.has_proposals for reader in self._readers)
+
+    def regions(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        """The regions the K-means and retrieval protocols label, from the index arrays only:
+        (ids in store order, counts (N,) regions per image, prototypes (R, D), valid (R,)), the
+        regions of image i being rows ``sum(counts[:i])`` on. Version 1: one per image, its
+        salient region; version 2: its proposals (one empty, invalid region for an image without
+        any)."""
+        readers = [r for r in self._readers if len(r)]
+        if not readers:
+            return [], np.zeros(0, np.int64), np.zeros((0, 0), np.float32), np.zeros(0, bool)
+        parts = [r.index.region_rows() for r in readers]
+        dims = {p[1].shape[1] for p in parts}
+        if len(dims) > 1:
+            raise EmbeddingFormatError(f"{self.directory}: shards hold prototypes of dimensions {sorted(dims)}")
+        return (self.ids(), np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]))
+
+    def read_regions(self, id: str) -> list[ProposalEmbedding]:
+        """The regions of image ``id`` with their masks (:meth:`EmbeddingShardReader.read_regions`)."""
+        reader, row = self._locate(id)
+        return reader.read_regions(row)
 
     def features(self, id: str) -> np.ndarray:
         """float16 (C, f, f) features of image ``id``."""
@@ -399,4 +588,7 @@ def summarize_embeddings(directory: str | os.PathLike) -> dict[str, Any]:
         "bytes_on_disk": int(sum(p.stat().st_size for p in store.shard_paths)),
         "schema_version": attrs.get("schema_version"),
         "attrs": {k: v for k, v in attrs.items() if k not in RESERVED_ATTRS},
+        **({"n_proposals": int(sum(len(p) for p in (r.index.proposal_valid for r in store._readers
+                                                     if r.index.has_proposals)))}
+           if store.has_proposals else {}),
     }

@@ -245,6 +245,9 @@ def _extract_params(ctx: Context) -> Mapping[str, Any]:
     params = dict(ctx.cfg.section("extract"))
     params["splits"] = {split: ctx.data_identity(split) for split in _extract_splits(ctx)}
     params["compute"] = resolved_compute(ctx.cfg.extract.device, "auto")  # extract autocasts on CUDA
+    m = ctx.cfg.masks
+    if ctx.cfg.extract.mask_source == "model" and m.proposals != "single":  # the head's mask is split
+        params["proposals"] = {"max_proposals": m.max_proposals, "min_proposal": m.min_proposal}
     return params
 
 
@@ -252,8 +255,11 @@ def _run_extract(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]
     from stages import extract
 
     samples = {split: ctx.dataset.samples(split) for split in _extract_splits(ctx)}
+    m = ctx.cfg.masks
+    split_head = ({"proposals": m.proposal_params}  # the head's mask is split into components
+                  if ctx.cfg.extract.mask_source == "model" and m.proposals != "single" else {})
     return extract.run(ctx.cfg.extract, inputs, writer.path, samples=samples, progress=not ctx.quiet,
-                       on_progress=writer.set_progress)
+                       on_progress=writer.set_progress, **split_head)
 
 
 def _describe_extract(manifest: Mapping[str, Any]) -> str:

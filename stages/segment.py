@@ -9,7 +9,11 @@ file written by the evaluate stage:
   prototype is computed as in extraction (``head_prototypes``, or ``backbone_prototypes`` when
   the clustering was fitted on backbone prototypes); PCA whitening, nearest centroid, the seed's
   matching -> one class for the salient pixels, 0 (background) elsewhere. An image without a
-  salient pixel is all background.
+  salient pixel is all background. When the clustered embeddings held several proposals per
+  image (their ``extract`` attrs name ``proposals``), the salient mask is split into its
+  connected components as extraction splits it (``max_proposals``, ``min_proposal``; stored
+  ``cuts`` are approximated by components, the model's map being all there is), each
+  component gets its own prototype and class, and the image several regions.
 - pixel protocol (``pixel_kmeans_model.json``): the decoder trunk resized to the stored feature
   grid as in extraction, each cell L2-normalised (when the clustering was), PCA, nearest
   centroid, matching -> a class per cell.
@@ -37,7 +41,7 @@ from torch import nn
 from stages.data import BadInputError, load_image
 from stages.evaluate.kmeans import PCAWhitening, apply_kmeans
 from stages.extract import backbone_prototypes, head_prototypes, resize_features
-from stages.extract.extract import INTERPOLATIONS, SALIENCY_THRESHOLD
+from stages.extract.extract import INTERPOLATIONS, SALIENCY_THRESHOLD, component_labels, split_prototypes
 from stages.network.runtime import normalize_images, resolve_amp, resolve_device
 from stages.viz import overlay_labels, save_label_png, save_png
 
@@ -111,6 +115,18 @@ def load_clustering(path: str | os.PathLike, seed: int | None = None) -> Cluster
     return Clustering(Path(path), seed)
 
 
+def _split_params(extract: dict[str, Any]):
+    """The proposal parameters that split a salient mask as the clustered embeddings were, or None."""
+    found = extract.get("proposals")
+    if not isinstance(found, dict):
+        return None
+    from stages.masks.params import ProposalParams
+
+    defaults = ProposalParams()
+    return ProposalParams("components", int(found.get("max_proposals", defaults.max_proposals)),
+                          float(found.get("min_proposal", defaults.min_proposal)))
+
+
 def _predict(model: nn.Module, clustering: Clustering, images: torch.Tensor, embedding: str,
              amp: torch.dtype | None) -> np.ndarray:
     """Class maps (B, S, S) or (B, f, f) int64 of a batch of normalised images (B, 3, S, S)."""
@@ -131,6 +147,17 @@ def _predict(model: nn.Module, clustering: Clustering, images: torch.Tensor, emb
         if clustering.normalize:
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return clustering.classes(x).reshape(b, fh, fw)
+    split = _split_params(clustering.extract)
+    if split is not None:  # several regions per image
+        salient = (sal[:, 0].float() > SALIENCY_THRESHOLD).cpu().numpy()  # B x S x S
+        labels = np.stack([component_labels(m, split) for m in salient])  # B x S x S, 0: background
+        weights = sal[:, 0].float() if embedding == "head" else None
+        slots, valid = split_prototypes(emb, weights, labels, embedding, grids[0] if grids else None)
+        b, n_slots, dim = slots.shape
+        cls = clustering.classes(slots.reshape(-1, dim).cpu().numpy()).reshape(b, n_slots)
+        cls = np.where(valid.cpu().numpy(), cls, 0)
+        lut = np.concatenate([np.zeros((b, 1), np.int64), cls], axis=1)  # label 0 -> background
+        return np.take_along_axis(lut, labels.reshape(b, -1).astype(np.int64), axis=1).reshape(labels.shape)
     if embedding == "backbone":
         salient = sal[:, 0].float() > SALIENCY_THRESHOLD
         protos, valid = backbone_prototypes(grids[0], salient)
@@ -222,6 +249,8 @@ def segment_images(model: nn.Module, kmeans_model_path: str | os.PathLike, image
     }
     if skipped:
         summary["skipped"] = skipped
+    if _split_params(extract) is not None and clustering.protocol == "object":
+        summary["regions"] = "connected components of the salient mask, a class each"
     if names is not None or clustering.source == "clusters":
         from stages.clusters import write_legend
 

@@ -274,6 +274,31 @@ class SalientClassCounts:
         self._stacked = None
         return counts
 
+    def update_regions(self, region_masks: Sequence[np.ndarray], label: np.ndarray) -> np.ndarray:
+        """Add one image whose prediction paints several disjoint regions (an id each) and
+        background elsewhere: one row per region, ``[outside, inside]``, the image's pixels in
+        no region counted once, in its first row's outside (so a sum of rows still gives the
+        exact confusion). With one region it is :meth:`update`. Returns the (n_regions, 2,
+        n_cls) rows."""
+        label = np.asarray(label)
+        if not len(region_masks):
+            raise MetricsError("SalientClassCounts.update_regions: an image needs at least one region "
+                               "(an empty mask for none)")
+        ids = np.zeros(label.shape, np.int64)
+        for r in range(len(region_masks), 0, -1):  # a pixel two regions claim stays with the first
+            m = np.asarray(region_masks[r - 1])
+            if m.shape != label.shape:
+                raise MetricsError(f"SalientClassCounts.update_regions: region shape {m.shape} != label shape "
+                                   f"{label.shape}")
+            ids[m] = r
+        conf = confusion_matrix(ids, label, len(region_masks) + 1, self.n_cls, self.ignore_index)
+        rows = np.zeros((len(region_masks), 2, self.n_cls), np.int64)
+        rows[0, 0] = conf[0]
+        rows[:, 1] = conf[1:]
+        self._rows.extend(rows)
+        self._stacked = None
+        return rows
+
     def __len__(self) -> int:
         return len(self._rows)
 

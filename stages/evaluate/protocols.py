@@ -181,22 +181,41 @@ def _figures(out_dir: Path, prefix: str, title: str, names: Sequence[str], class
 
 @dataclass
 class SplitCounts:
-    """Per-image (outside / inside salient mask, class) pixel counts of one split.
+    """Per-region (outside / inside the region, class) pixel counts of one split.
 
-    ``ids[i]`` is the image of row i of ``counts`` (store order); ``skipped`` maps the requested
-    ids left out to the reason (unreadable label, no embedding).
+    A region is what the K-means and retrieval protocols label with one id: an image's salient
+    region (version-1 embeddings), or each of its proposals (version 2,
+    :meth:`artifacts.embeddings.EmbeddingStore.regions`). ``ids`` are the kept images (store
+    order); ``regions[i]`` how many rows of ``counts`` image ``ids[i]`` has (None: one each);
+    ``skipped`` maps the requested ids left out to the reason (unreadable label, no embedding).
     """
 
     split: str
     ids: list[str]
     counts: SalientClassCounts
     skipped: dict[str, str] = field(default_factory=dict)
+    regions: list[int] | None = None
+
+    @property
+    def row_ids(self) -> list[str]:
+        """The image of each row of ``counts``."""
+        if self.regions is None:
+            return list(self.ids)
+        return [i for i, n in zip(self.ids, self.regions) for _ in range(n)]
+
+    def first_rows(self) -> dict[str, int]:
+        """The first row of each image's regions."""
+        starts = np.concatenate([[0], np.cumsum(self.regions)[:-1]]) if self.regions else range(len(self.ids))
+        return {id_: int(r) for id_, r in zip(self.ids, starts)}
 
 
 def _counts_key(store: EmbeddingStore, ids: Sequence[str], n_cls: int, ignore_index: int) -> dict[str, Any]:
     digest = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
-    return {"format": _COUNTS_FORMAT, "store": str(Path(store.directory).resolve()), "ids_sha256": digest,
-            "n_ids": len(ids), "n_cls": n_cls, "ignore_index": ignore_index}
+    key = {"format": _COUNTS_FORMAT, "store": str(Path(store.directory).resolve()), "ids_sha256": digest,
+           "n_ids": len(ids), "n_cls": n_cls, "ignore_index": ignore_index}
+    if store.has_proposals:
+        key["regions"] = True
+    return key
 
 
 def _load_counts(path: Path, key: Mapping[str, Any], split: str) -> SplitCounts | None:
@@ -208,11 +227,13 @@ def _load_counts(path: Path, key: Mapping[str, Any], split: str) -> SplitCounts 
                 return None
             counts, ids = z["counts"], [str(i) for i in z["ids"]]
             skipped = dict(zip((str(i) for i in z["skipped_ids"]), (str(r) for r in z["skipped_reasons"])))
-        if counts.shape != (len(ids), 2, key["n_cls"]):
+            regions = [int(r) for r in z["regions"]] if key.get("regions") else None
+        n_rows = len(ids) if regions is None else sum(regions)
+        if counts.shape != (n_rows, 2, key["n_cls"]) or (regions is not None and len(regions) != len(ids)):
             return None
     except (OSError, ValueError, KeyError):
         return None  # unreadable cache: recompute
-    return SplitCounts(split, ids, SalientClassCounts.from_array(counts, key["ignore_index"]), skipped)
+    return SplitCounts(split, ids, SalientClassCounts.from_array(counts, key["ignore_index"]), skipped, regions)
 
 
 def class_counts(emb_store: StoreLike, dataset: DatasetIndex, ids: Sequence[str], progress: bool = True, *,
@@ -241,6 +262,7 @@ def class_counts(emb_store: StoreLike, dataset: DatasetIndex, ids: Sequence[str]
     skipped = {i: "no embedding (extract could not read the image)" for i in ids if i not in in_store}
     acc = SalientClassCounts(len(names), dataset.ignore_index)
     kept: list[str] = []
+    regions: list[int] | None = [] if store.has_proposals else None
     records = (r for r in store.iter() if r.id in wanted)
     for rec in tqdm(records, total=len(wanted & in_store), desc=f"labels {split}", unit="img", disable=not progress):
         label_path = dataset.sample(rec.id).label
@@ -250,7 +272,10 @@ def class_counts(emb_store: StoreLike, dataset: DatasetIndex, ids: Sequence[str]
             skipped[rec.id] = str(exc)
             continue
         try:
-            acc.update(rec.mask, label)
+            if regions is None:
+                acc.update(rec.mask, label)
+            else:
+                regions.append(len(acc.update_regions([r.mask for r in store.read_regions(rec.id)], label)))
         except MetricsError as exc:
             raise ProtocolError(f"{label_path}: {exc}; the dataset declares {len(names)} classes "
                                 f"({', '.join(names[:4])}, ...)") from None
@@ -258,21 +283,44 @@ def class_counts(emb_store: StoreLike, dataset: DatasetIndex, ids: Sequence[str]
     if not kept:
         raise ProtocolError(f"{store.directory}: no image of split {split!r} could be scored "
                             f"({len(skipped)} skipped, e.g. {next(iter(skipped.values()), '')})")
-    out = SplitCounts(split, kept, acc, skipped)
+    out = SplitCounts(split, kept, acc, skipped, regions)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
+        extra = {} if regions is None else {"regions": np.array(regions, dtype=np.int64)}
         with atomic_path(cache, suffix=".npz") as tmp:
             np.savez(tmp, counts=acc.counts, ids=np.array(kept, dtype=str), key=json.dumps(key, sort_keys=True),
                      skipped_ids=np.array(list(skipped), dtype=str),
-                     skipped_reasons=np.array(list(skipped.values()), dtype=str))
+                     skipped_reasons=np.array(list(skipped.values()), dtype=str), **extra)
     return out
 
 
-def _prototypes(store: EmbeddingStore, ids: Sequence[str]) -> np.ndarray:
-    """Prototypes (len(ids), D) float32 of ``ids``, from the store's index arrays."""
+def _prototypes(store: EmbeddingStore, ids: Sequence[str] | SplitCounts) -> np.ndarray:
+    """Prototypes (rows, D) float32 of ``ids`` (one per image), or of the regions of a
+    :class:`SplitCounts` (one per row of its counts), from the store's index arrays."""
+    if isinstance(ids, SplitCounts) and ids.regions is not None:
+        all_ids, counts, protos, _ = store.regions()
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        first = dict(zip(all_ids, starts))
+        rows = [first[i] + k for i, n in zip(ids.ids, ids.regions) for k in range(n)]
+        return protos[np.array(rows, dtype=np.int64)]
+    if isinstance(ids, SplitCounts):
+        ids = ids.ids
     all_ids, protos, _ = store.prototypes()
     row = {k: i for i, k in enumerate(all_ids)}
     return protos[np.array([row[i] for i in ids], dtype=np.int64)]
+
+
+def _paint(store: EmbeddingStore, sc: SplitCounts, id_: str, values: np.ndarray, background: int = 0) -> np.ndarray:
+    """Image ``id_``'s prediction: ``values[row]`` on each of its regions' pixels (row: its row of
+    ``sc``'s counts), ``background`` elsewhere."""
+    first = sc.first_rows()[id_]
+    if sc.regions is None:
+        return np.where(store.get(id_).mask, values[first], background)
+    regions = store.read_regions(id_)
+    out = np.full(regions[0].mask.shape, background, dtype=np.asarray(values).dtype)
+    for k in range(len(regions), 0, -1):
+        out[regions[k - 1].mask] = values[first + k - 1]
+    return out
 
 
 def kmeans_model_dict(report_model: dict, protocol: str, names: Sequence[str], store: EmbeddingStore,
@@ -305,26 +353,34 @@ def whitening_note(n_prototypes: int, whitened_dim: int | None, key: str = "eval
             f"consider {key} <= {max(1, n_prototypes // PROTOTYPES_PER_WHITENED_DIM)}")
 
 
-def colour_descriptors(store: EmbeddingStore, dataset: DatasetIndex, ids: Sequence[str]) -> np.ndarray:
-    """Per image, the joint RGB histogram (4 levels a channel, 64 bins) of the pixels inside its
+def colour_descriptors(store: EmbeddingStore, dataset: DatasetIndex, ids: Sequence[str] | SplitCounts) -> np.ndarray:
+    """Per image (per region of a :class:`SplitCounts`), the joint RGB histogram (4 levels a channel, 64 bins) of the pixels inside its
     salient mask, L1-normalised then square-rooted (Hellinger): N x 64 float32.
 
     The trivial baseline of the K-means protocol: the same masks, the same clustering and
     matching, but colour instead of learnt embeddings. An empty mask or an unreadable image gives
     the uniform histogram.
     """
-    out = np.full((len(ids), COLOUR_LEVELS ** 3), 1.0 / COLOUR_LEVELS ** 3, np.float32)
-    for i, id_ in enumerate(ids):
-        mask = store.get(id_).mask
+    split = ids if isinstance(ids, SplitCounts) else None
+    ids = split.ids if split is not None else list(ids)
+    per_image = split.regions if split is not None and split.regions is not None else [1] * len(ids)
+    out = np.full((sum(per_image), COLOUR_LEVELS ** 3), 1.0 / COLOUR_LEVELS ** 3, np.float32)
+    row = 0
+    for id_, n in zip(ids, per_image):
+        masks = [store.get(id_).mask] if n == 1 and (split is None or split.regions is None) else \
+            [r.mask for r in store.read_regions(id_)]
         try:
             image = load_image(dataset.sample(id_).image)
         except BadInputError:
+            row += n
             continue
-        if image.shape[:2] != mask.shape or not mask.any():
-            continue
-        q = (image[mask].astype(np.int64) * COLOUR_LEVELS) // 256  # P x 3 in [0, levels)
-        hist = np.bincount((q[:, 0] * COLOUR_LEVELS + q[:, 1]) * COLOUR_LEVELS + q[:, 2], minlength=COLOUR_LEVELS ** 3)
-        out[i] = hist / hist.sum()
+        for mask in masks:
+            if image.shape[:2] == mask.shape and mask.any():
+                q = (image[mask].astype(np.int64) * COLOUR_LEVELS) // 256  # P x 3 in [0, levels)
+                hist = np.bincount((q[:, 0] * COLOUR_LEVELS + q[:, 1]) * COLOUR_LEVELS + q[:, 2],
+                                   minlength=COLOUR_LEVELS ** 3)
+                out[row] = hist / hist.sum()
+            row += 1
     return np.sqrt(out)
 
 
@@ -349,10 +405,11 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
     sc = class_counts(store, dataset, val_ids, progress, split=split,
                       cache_dir=out_dir if cache_dir is None else cache_dir, protocol="K-means")
     k = int(n_clusters) if n_clusters is not None else len(names) - 1
-    if len(sc.ids) < k:
-        raise ProtocolError(f"{store.directory}: K-means with {k} clusters needs at least {k} images, split "
-                            f"{split!r} has {len(sc.ids)} usable ones")
-    protos = _prototypes(store, sc.ids)
+    if len(sc.counts) < k:
+        what = "images" if sc.regions is None else "regions (proposals)"
+        raise ProtocolError(f"{store.directory}: K-means with {k} clusters needs at least {k} {what}, split "
+                            f"{split!r} has {len(sc.counts)} usable ones")
+    protos = _prototypes(store, sc)
     protocol = KMeansProtocol(n_clusters=k, seeds=tuple(int(s) for s in seeds), pca_dim=pca_dim, n_init=n_init,
                               use_gpu=use_gpu)
     report = protocol.run(protos, sc.counts)
@@ -367,21 +424,22 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
         cluster = assign(z, np.asarray(first.centroids, np.float32), use_gpu)  # (N,) = the fit's assignment
         mapping = np.asarray(first.mapping, dtype=np.int64)  # predicted id (0 unsalient, c + 1) -> class
         class_conf = remap_confusion(sc.counts.confusion(cluster, k), mapping, len(names))
-        row = {id_: i for i, id_ in enumerate(sc.ids)}
 
         def predict(id_: str, label: np.ndarray) -> np.ndarray:
-            return _display(mapping[np.where(store.get(id_).mask, cluster[row[id_]] + 1, 0)])
+            return _display(mapping[_paint(store, sc, id_, cluster + 1)])
 
         pictures = _figures(out_dir, "kmeans", f"K-means (seed {first.seed})", names, class_conf, per_class,
                             dataset, _pick(sc.ids, sheet_size), predict)
     metrics = report.metrics()
     metrics.update(per_class_iou=per_class, classes=names, k=k, n_images=len(sc.ids), model_file=KMEANS_MODEL_FILE,
                    figures=pictures, **_skipped_metrics(sc.skipped))
-    note = whitening_note(len(sc.ids), report.pca.dim if report.pca is not None else None)
+    if sc.regions is not None:
+        metrics["n_regions"] = len(sc.counts)
+    note = whitening_note(len(sc.counts), report.pca.dim if report.pca is not None else None)
     if note:
         metrics["note"] = note
     if colour_baseline:
-        colour = protocol.run(colour_descriptors(store, dataset, sc.ids), sc.counts).metrics()
+        colour = protocol.run(colour_descriptors(store, dataset, sc), sc.counts).metrics()
         metrics["colour_baseline"] = {"miou": colour["miou"], "miou_std": colour["miou_std"],
                                       "descriptor": f"sqrt of the {COLOUR_LEVELS ** 3}-bin RGB histogram in the mask"}
     return metrics
@@ -513,7 +571,7 @@ def run_retrieval(train_store: StoreLike, val_store: StoreLike, dataset: Dataset
                         protocol="retrieval")
     query = class_counts(query_store, dataset, val_ids, progress, split=val_split, cache_dir=cache,
                          protocol="retrieval")
-    bank_protos, query_protos = _prototypes(bank_store, bank.ids), _prototypes(query_store, query.ids)
+    bank_protos, query_protos = _prototypes(bank_store, bank), _prototypes(query_store, query)
     if bank_protos.shape[1] != query_protos.shape[1]:
         raise ProtocolError(f"retrieval: the train embeddings {bank_store.directory} have prototypes of dimension "
                             f"{bank_protos.shape[1]} but the val embeddings {query_store.directory} have "
@@ -527,11 +585,10 @@ def run_retrieval(train_store: StoreLike, val_store: StoreLike, dataset: Dataset
     per_class = _per_class(names, full.per_class_iou)
     pictures: dict[str, str] = {}
     if figures:
-        pred = np.asarray(full.predictions, dtype=np.int64)  # class of each val image's salient region
-        row = {id_: i for i, id_ in enumerate(query.ids)}
+        pred = np.asarray(full.predictions, dtype=np.int64)  # class of each val region
 
         def predict(id_: str, label: np.ndarray) -> np.ndarray:
-            return np.where(query_store.get(id_).mask, pred[row[id_]], 0).astype(np.uint8)
+            return _paint(query_store, query, id_, pred).astype(np.uint8)
 
         pictures = _figures(out_dir, "retrieval", "retrieval (all classes)", names,
                             query.counts.class_confusion(pred), per_class, dataset, _pick(query.ids, sheet_size),
@@ -542,6 +599,8 @@ def run_retrieval(train_store: StoreLike, val_store: StoreLike, dataset: Dataset
         "n_bank_images": len(bank.ids),
         "n_images": len(query.ids), "deterministic": True,
     }
+    if query.regions is not None:
+        metrics["n_regions"] = len(query.counts)
     if part is not None:
         sub_names = [names[c] for c in part.classes]
         sub_per_class = {n: float(part.per_class_iou[c]) for n, c in zip(sub_names, part.classes)}

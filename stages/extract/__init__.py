@@ -29,10 +29,12 @@ def __getattr__(name: str):
 
 
 def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Mapping[str, Sequence[Any]],
-        progress: bool = True, on_progress: Callable[..., None] | None = None) -> dict[str, Any]:
+        progress: bool = True, on_progress: Callable[..., None] | None = None, proposals: Any = None) -> dict[str, Any]:
     """Run the model of ``inputs["train"]`` over each split of ``samples`` (split name -> its
     samples, in order) into ``out_dir/<split>`` with ``params`` (``ExtractParams``); the masks of
-    ``inputs["masks"]``, when given, are the salient regions (``mask_source: masks``).
+    ``inputs["masks"]``, when given, are the salient regions (``mask_source: masks``; their
+    proposals too, when the artifact stores them). ``proposals``: the masks section's
+    ``ProposalParams``, splitting the head's mask into components (``mask_source: model``).
     ``on_progress(done, total, unit, **extra)`` per shard. Returns the summary for the manifest."""
     from stages.train import load_model
 
@@ -48,7 +50,7 @@ def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Mappi
                                                               n_splits=len(splits)))
         summary[split] = extract(model, samples[split], Path(out_dir) / split, params, mask_dir=mask_dir,
                                  attrs={"train": inputs["train"].ref, "split": split}, progress=progress,
-                                 on_shard=on_shard)
+                                 on_shard=on_shard, **({} if proposals is None else {"proposals": proposals}))
     return {"splits": splits, **{f"{k}.n_images": v["n_images"] for k, v in summary.items()},
             **{f"{k}.n_valid": v["n_valid"] for k, v in summary.items()},
             "images_per_s": summary[splits[0]].get("images_per_s"), "details": summary}

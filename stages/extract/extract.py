@@ -33,6 +33,15 @@ label size), or, with ``mask_source="masks"``, the artifact's mask itself. ``fea
 input/os x input/os) resized to ``feature_size`` x ``feature_size`` (area averaging when
 shrinking, bilinear when enlarging), float16.
 
+Several proposals per image (embedding shards of schema version 2, :mod:`artifacts.embeddings`):
+with ``mask_source="masks"`` on a mask artifact of schema version 2, each of the image's stored
+proposals; with ``mask_source="model"`` and ``proposals`` other than ``single``, the connected
+components of the salient mask at input resolution (:func:`stages.masks.proposals.component_proposals`
+with the masks stage's ``max_proposals`` and ``min_proposal``; ``cuts`` split the head's mask the
+same way). Each proposal gets its prototype as the image gets its own (the same weights and
+normalisation, restricted to the proposal's pixels) and its mask at the original resolution.
+The per-image record (salient mask, prototype) is the version-1 one either way.
+
 Streaming, bounded memory: a DataLoader (workers decode and resize) feeds batches that never
 straddle a shard; features go to the shard file as each batch finishes, and a shard holds at most
 ``shard_size`` images' small arrays until it is written. Nothing is kept across shards, so memory
@@ -93,15 +102,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from artifacts.atomic import atomic_write_json
 from artifacts.embeddings import (
+    REGIONS_SCHEMA_VERSION,
     SCHEMA_VERSION,
     EmbeddingRecord,
+    ProposalEmbedding,
     EmbeddingShardWriter,
     read_shard_attrs,
     shard_name,
     summarize_embeddings,
 )
 from artifacts.masks import MaskStore
-from stages.common.prototypes import mask_prototypes
+from stages.common.prototypes import mask_prototypes, slot_prototypes
 from stages.common.resize import nearest_indices
 from stages.data import BadInputError, Sample, load_image
 from stages.network.runtime import normalize_images, resolve_amp, resolve_device
@@ -117,12 +128,16 @@ __all__ = [
     "ExtractError",
     "ExtractParams",
     "backbone_prototypes",
+    "component_labels",
     "extract",
     "head_prototypes",
     "nearest_indices",
+    "proposal_labels",
+    "proposal_prototypes",
     "pullback_weights",
     "resize_features",
     "resize_mask",
+    "split_prototypes",
 ]
 
 SKIPPED_FILE = "skipped.json"  # here, and the masks stage's list of images it could not read
@@ -185,6 +200,26 @@ def backbone_prototypes(grid: torch.Tensor, salient: torch.Tensor) -> tuple[torc
     return prototypes, valid & salient.flatten(1).any(1)
 
 
+def proposal_labels(masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """uint8 ``shape``: proposal k (bool masks, disjoint) is label k + 1, 0 elsewhere (a pixel two
+    masks claim stays with the first)."""
+    if len(masks) > 255:
+        raise ExtractError(f"{len(masks)} proposals in one image; at most 255 fit a label map")
+    labels = np.zeros(shape, np.uint8)
+    for k in range(len(masks), 0, -1):
+        labels[masks[k - 1]] = k
+    return labels
+
+
+def proposal_prototypes(emb: torch.Tensor, weights: torch.Tensor | None, labels: torch.Tensor,
+                        n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-proposal head prototypes: L2-normalise(sum over proposal l's pixels of emb_p * w_p),
+    ``weights`` B x H x W (None: 1), ``labels`` B x H x W (l in 1..n_slots). Returns B x L x D
+    prototypes (zero where invalid) and valid B x L."""
+    x = emb.float() if weights is None else emb.float() * weights[:, None].float()
+    return slot_prototypes(x, labels, n_slots)
+
+
 def resize_features(trunk: torch.Tensor, size: int) -> torch.Tensor:
     """B x C x h x w -> B x C x size x size: area averaging when shrinking (every trunk cell
     counts, no aliasing), bilinear (align_corners=False) when enlarging, identity when equal."""
@@ -219,6 +254,8 @@ class _Item:
     image: np.ndarray | None = None
     mask: np.ndarray | None = None      # bool (H, W) from the mask artifact
     mask_in: np.ndarray | None = None   # bool (S, S) the same, at input size
+    proposals: list[np.ndarray] | None = None  # bool (H, W) each, from a version-2 mask artifact
+    labels_in: np.ndarray | None = None  # uint8 (S, S): proposal k is label k (1-based), 0 elsewhere
     error: str | None = None
 
 
@@ -244,6 +281,7 @@ class _ExtractDataset(Dataset):
         self.interpolation = INTERPOLATIONS[params.interpolation]
         self.masks = masks
         self.mask_skipped = dict(mask_skipped)
+        self.proposals = masks is not None and masks.has_proposals
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -260,12 +298,17 @@ class _ExtractDataset(Dataset):
         resized = cv2.resize(image, (self.size, self.size), interpolation=self.interpolation)
         item = _Item(sample.id, shape, np.ascontiguousarray(resized.transpose(2, 0, 1)))
         if self.masks is not None:
-            mask = self.masks.get(sample.id).mask
+            record = self.masks.get(sample.id, proposals=self.proposals)
+            mask = record.mask
             if mask.shape != shape:
                 raise ExtractError(f"mask of {sample.id!r} in {self.masks.directory} is {mask.shape[1]}x"
                                    f"{mask.shape[0]} but image {sample.image} is {shape[1]}x{shape[0]}: "
                                    "the mask artifact was made from other images")
             item.mask, item.mask_in = mask, resize_mask(mask, (self.size, self.size))
+            if self.proposals:
+                item.proposals = [p.mask for p in record.proposals]
+                item.labels_in = proposal_labels([resize_mask(m, (self.size, self.size)) for m in item.proposals],
+                                                 (self.size, self.size))
         return item
 
 
@@ -340,8 +383,9 @@ def _check_existing(out_dir: Path, done: Sequence[int], recorded: Mapping[str, A
 
 
 def _compute(model: nn.Module, batch: _Batch, params: ExtractParams, device: torch.device,
-             amp: torch.dtype | None, grids: list[torch.Tensor]) -> list[EmbeddingRecord]:
-    """Records of the usable items of one batch."""
+             amp: torch.dtype | None, grids: list[torch.Tensor], split=None) -> list[EmbeddingRecord]:
+    """Records of the usable items of one batch; ``split``: the proposal parameters that split
+    the saliency head's mask (``mask_source="model"``), or None."""
     items = [it for it in batch.items if it.error is None]
     if not items:
         return []
@@ -368,19 +412,73 @@ def _compute(model: nn.Module, batch: _Batch, params: ExtractParams, device: tor
     protos_np, valid_np = _to_numpy(protos, np.float32), _to_numpy(valid, np.bool_)
     feats = (_to_numpy(resize_features(trunk.float(), params.feature_size).half(), np.float16)
              if params.features else None)  # B x 256 x f x f
+    regions = None
+    if params.mask_source == "masks" and items[0].labels_in is not None:
+        labels_np = np.stack([it.labels_in for it in items])  # B x S x S
+        originals = [it.proposals for it in items]
+        regions = _proposal_embeddings(emb, None, labels_np, originals, params, grids, device)
+    elif params.mask_source == "model" and split is not None:
+        labels_np = np.stack([component_labels(salient_np[i], split) for i in range(len(items))])
+        originals = [[resize_mask(labels_np[i] == k, it.shape) for k in range(1, int(labels_np[i].max()) + 1)]
+                     for i, it in enumerate(items)]
+        weights = sal[:, 0].float() if params.embedding == "head" else None
+        regions = _proposal_embeddings(emb, weights, labels_np, originals, params, grids, device)
     return [EmbeddingRecord(it.id, masks[i], protos_np[i], bool(valid_np[i]),
-                            feats[i] if feats is not None else None) for i, it in enumerate(items)]
+                            feats[i] if feats is not None else None,
+                            proposals=None if regions is None else regions[i]) for i, it in enumerate(items)]
+
+
+def component_labels(salient: np.ndarray, split) -> np.ndarray:
+    """uint8 label map of the components of a salient mask at input size (``split``: the
+    proposal parameters, components being taken whatever their method)."""
+    from dataclasses import replace
+
+    from stages.masks.proposals import component_proposals
+
+    found = component_proposals(salient, replace(split, proposals="components"))
+    return proposal_labels([p.mask for p in found], salient.shape)
+
+
+def split_prototypes(emb: torch.Tensor, weights: torch.Tensor | None, labels_np: np.ndarray, embedding: str,
+                     grid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-proposal prototypes of a batch, computed as the image's own: ``embedding="head"``:
+    :func:`proposal_prototypes` of ``emb`` (B x D x S x S) with ``weights``; ``"backbone"``:
+    :func:`backbone_prototypes` of the backbone ``grid`` over each proposal. ``labels_np``:
+    uint8 B x S x S label maps (proposal l is label l). Returns B x L x D and valid B x L."""
+    n_slots = max(1, int(labels_np.max()))
+    labels = torch.from_numpy(labels_np).to(emb.device)
+    if embedding == "head":
+        return proposal_prototypes(emb, weights, labels, n_slots)  # B x L x D, B x L
+    b = labels.shape[0]
+    which = torch.arange(b, device=emb.device).repeat_interleave(n_slots)  # (B L,)
+    masks = labels[which] == torch.arange(1, n_slots + 1, device=emb.device).repeat(b)[:, None, None]
+    slots, valid = backbone_prototypes(grid[which], masks)
+    return slots.view(b, n_slots, -1), valid.view(b, n_slots)
+
+
+def _proposal_embeddings(emb: torch.Tensor, weights: torch.Tensor | None, labels_np: np.ndarray,
+                         originals: list[list[np.ndarray]], params: ExtractParams, grids: list[torch.Tensor],
+                         device: torch.device) -> list[list[ProposalEmbedding]]:
+    """Each image's proposals (label map ``labels_np`` at input size, masks ``originals`` at the
+    original size) with their prototypes, as the image's own is computed."""
+    slots, valid = split_prototypes(emb, weights, labels_np, params.embedding, grids[0] if grids else None)
+    slots_np, valid_np = _to_numpy(slots, np.float32), _to_numpy(valid, np.bool_)
+    return [[ProposalEmbedding(m, slots_np[i, k], bool(valid_np[i, k])) for k, m in enumerate(masks_i)]
+            for i, masks_i in enumerate(originals)]
 
 
 def extract(model: nn.Module, samples: Sequence[Sample], out_dir: str | Path, params: ExtractParams, *,
             mask_dir: str | Path | None = None, attrs: Mapping[str, Any] | None = None, progress: bool = True,
-            on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            on_shard: Callable[[int, int], None] | None = None, proposals=None) -> dict[str, Any]:
     """Write every missing embedding shard of ``samples`` into ``out_dir``; return the summary.
 
     ``model``: a ``MaskContrastModel`` (anything with ``forward(x, return_features=True)`` ->
     (emb, sal_logit, trunk) and, for ``embedding="backbone"``, a ``backbone`` submodule); it is
     moved to the device and run in eval mode (its training flag is restored afterwards).
-    ``mask_dir``: the mask artifact, needed with ``mask_source="masks"``. ``attrs``: extra root
+    ``mask_dir``: the mask artifact, needed with ``mask_source="masks"`` (its proposals, when it
+    stores them, are embedded one by one). ``proposals``: the masks stage's
+    :class:`stages.masks.params.ProposalParams`; with ``mask_source="model"`` and a method other
+    than ``single`` the head's mask is split into components. ``attrs``: extra root
     attrs for every shard (e.g. input artifact versions). ``on_shard(done, total)`` is called
     at the start and after each shard is written.
 
@@ -405,6 +503,15 @@ def extract(model: nn.Module, samples: Sequence[Sample], out_dir: str | Path, pa
     n_shards = -(-len(samples) // params.shard_size)
     done = [k for k in range(n_shards) if (out_dir / shard_name(k)).exists()]
     recorded = params.recorded()
+    split = proposals if (params.mask_source == "model" and proposals is not None and proposals.multiple) else None
+    if split is not None:
+        recorded["proposals"] = {"proposals": "components", "max_proposals": split.max_proposals,
+                                 "min_proposal": split.min_proposal}
+    elif masks is not None and masks.has_proposals:  # what segment needs to split new images alike
+        from artifacts.masks import read_shard_attrs as read_mask_attrs
+
+        found = read_mask_attrs(masks.shard_paths[0]).get("proposals") if masks.shard_paths else None
+        recorded["proposals"] = dict(found) if isinstance(found, Mapping) else {"proposals": "stored"}
     _check_existing(out_dir, done, recorded)
     missing = [k for k in range(n_shards) if k not in set(done)]
     todo: list[Sample] = []
@@ -440,7 +547,7 @@ def extract(model: nn.Module, samples: Sequence[Sample], out_dir: str | Path, pa
                 if writer is None:
                     writer = EmbeddingShardWriter(out_dir / shard_name(shard), {**base_attrs, "shard": shard})
                     writer.__enter__()
-                for record in _compute(model, batch, params, device, amp, grids):
+                for record in _compute(model, batch, params, device, amp, grids, split):
                     writer.add(record)
                     if skipped.pop(record.id, None) is not None:  # readable now: no longer skipped
                         new_skips = True
@@ -476,7 +583,7 @@ def extract(model: nn.Module, samples: Sequence[Sample], out_dir: str | Path, pa
 def _summary(out_dir: Path, skipped: Mapping[str, str], n_computed: int, wall_s: float) -> dict[str, Any]:
     s = summarize_embeddings(out_dir)
     summary: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": REGIONS_SCHEMA_VERSION if "n_proposals" in s else SCHEMA_VERSION,
         "n_images": s["n_images"],
         "n_valid": s["n_valid"],
         "n_skipped": len(skipped),
@@ -489,6 +596,8 @@ def _summary(out_dir: Path, skipped: Mapping[str, str], n_computed: int, wall_s:
         "bytes_on_disk": s["bytes_on_disk"],
         "n_shards": s["n_shards"],
     }
+    if "n_proposals" in s:
+        summary["n_proposals"] = s["n_proposals"]
     if skipped:
         summary["skipped_examples"] = dict(list(sorted(skipped.items()))[:20])
     return summary

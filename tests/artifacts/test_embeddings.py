@@ -256,3 +256,51 @@ def test_summarize(tmp_path, rng):
     assert sum(s["salient_fraction"]["counts"]) == 5
     assert s["height"] == {"min": 1, "max": 300} and s["attrs"] == {"extract": {"input_size": 512}}
     assert s["schema_version"] == 1
+
+
+# --------------------------------------------------------------------------- version 2: proposals
+
+
+def test_proposals_round_trip_and_version_1_reads_as_one_region(tmp_path):
+    from artifacts.embeddings import ProposalEmbedding, REGIONS_SCHEMA_VERSION, read_shard_attrs
+
+    rng = np.random.default_rng(0)
+
+    def unit(d=6):
+        v = rng.normal(size=d).astype(np.float32)
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    masks = [rng.random((9, 13)) < 0.4 for _ in range(3)]
+    props = [[ProposalEmbedding(masks[0] & (np.arange(13) < 6), unit(), True),
+              ProposalEmbedding(masks[0] & (np.arange(13) >= 6), np.zeros(6, np.float32), False)],
+             [],
+             [ProposalEmbedding(masks[2], unit(), True)]]
+    records = [EmbeddingRecord(f"i{k}", m, unit(), True, proposals=p) for k, (m, p) in enumerate(zip(masks, props))]
+    write_embedding_shard(tmp_path / "v2" / "emb-00000.h5", records)
+    assert read_shard_attrs(tmp_path / "v2" / "emb-00000.h5")["schema_version"] == REGIONS_SCHEMA_VERSION
+    store = EmbeddingStore(tmp_path / "v2")
+    assert store.has_proposals
+    for rec, p in zip(records, props):
+        got = store.get(rec.id, proposals=True)
+        np.testing.assert_array_equal(got.mask, rec.mask)
+        np.testing.assert_array_equal(got.prototype, rec.prototype)
+        assert len(got.proposals) == len(p)
+        for a, b in zip(got.proposals, p):
+            np.testing.assert_array_equal(a.mask, b.mask)
+            np.testing.assert_array_equal(a.prototype, b.prototype)
+            assert a.valid == b.valid
+    ids, counts, protos, valid = store.regions()
+    assert counts.tolist() == [2, 1, 1] and valid.tolist() == [True, False, False, True]
+    assert not store.read_regions("i1")[0].mask.any()  # no proposal: one empty region
+    # version 1: one region per image, its salient mask and prototype
+    write_embedding_shard(tmp_path / "v1" / "emb-00000.h5", [EmbeddingRecord(r.id, r.mask, r.prototype, True)
+                                                             for r in records])
+    plain = EmbeddingStore(tmp_path / "v1")
+    assert not plain.has_proposals and plain.get("i0", proposals=True).proposals is None
+    _, counts, protos, _ = plain.regions()
+    assert counts.tolist() == [1, 1, 1] and np.array_equal(protos, plain.prototypes()[1])
+    [region] = plain.read_regions("i2")
+    np.testing.assert_array_equal(region.mask, masks[2])
+    with pytest.raises(ValueError, match="all or none must"):
+        write_embedding_shard(tmp_path / "mixed" / "emb-00000.h5",
+                              [records[0], EmbeddingRecord("x", masks[1], unit(), True)])

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from artifacts.embeddings import EmbeddingRecord, write_embedding_shard
+from artifacts.embeddings import EmbeddingRecord, ProposalEmbedding, write_embedding_shard
 from artifacts.masks import MaskRecord, Proposal, write_mask_shard
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -79,7 +79,15 @@ def test_mask_shard_table_matches_written_shards(tmp_path, mask):
 
 
 def test_embedding_shard_table_matches_a_written_shard(tmp_path, mask):
+    """Version 1 writes the rows not marked "version 2"; version 2 writes every row."""
     path = tmp_path / "emb-00000.h5"
     proto = np.eye(32, dtype=np.float32)[0]
+    table = readme_table("### Embedding artifact")
+    v1 = {name: cells for name, cells in table.items() if not name.startswith("proposal_")}
     write_embedding_shard(path, [EmbeddingRecord("a", mask, proto, True, features=np.zeros((256, 4, 4), np.float16))])
-    check(path, readme_table("### Embedding artifact"))
+    check(path, v1)
+    props = [ProposalEmbedding(mask, proto, True)]
+    write_embedding_shard(path, [EmbeddingRecord("a", mask, proto, True, features=np.zeros((256, 4, 4), np.float16),
+                                                 proposals=props)])
+    check(path, table)
+    assert len(v1) < len(table)

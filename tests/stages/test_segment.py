@@ -127,3 +127,30 @@ def test_segment_names_clusters_and_writes_a_legend(tmp_path, stub):
                        names={4: "sky"})
     assert "legend" not in segment_images(stub, model_path, [images[0][0]], tmp_path / "plain",
                                           device="cpu", progress=False)  # an evaluate report, no names
+
+
+def test_segment_writes_several_regions_when_the_clustering_saw_proposals(tmp_path, stub):
+    """Embeddings with several proposals per image: the salient mask is split into components,
+    each painted with its own class; without proposals the image's one prototype paints both."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 60, (48, 64, 3), dtype=np.uint8)
+    img[8:40, 4:26] = RED
+    img[8:40, 38:60] = MAGENTA
+    path = tmp_path / "in" / "pair.png"
+    path.parent.mkdir()
+    Image.fromarray(img).save(path)
+    plain = _model_file(tmp_path / "plain.json")
+    data = json.loads(plain.read_text())
+    data["extract"]["proposals"] = {"proposals": "components", "max_proposals": 3, "min_proposal": 0.01}
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(data))
+    summary = segment_images(stub, split, [path], tmp_path / "two", device="cpu", progress=False)
+    segment_images(stub, plain, [path], tmp_path / "one", device="cpu", progress=False)
+    with Image.open(tmp_path / "two" / "pair.png") as im:
+        two = np.array(im)
+    with Image.open(tmp_path / "one" / "pair.png") as im:
+        one = np.array(im)
+    assert summary["regions"].startswith("connected components")
+    assert (two[12:36, 8:22] == 1).all() and (two[12:36, 42:56] == 2).all()  # each object its class
+    assert len(set(np.unique(one)) - {0}) == 1  # one prototype per image: one class for both
+    assert set(np.unique(two)) == {0, 1, 2}

@@ -390,3 +390,78 @@ def test_cuda_autocast_close_to_cpu(tmp_path, stub_model):
     _, b, vb = EmbeddingStore(tmp_path / "gpu").prototypes()
     assert (va == vb).all()
     assert (np.sum(a[va] * b[vb], axis=1) > 0.99).all()
+
+
+# --------------------------------------------------------------------------- proposals
+
+
+def _split_masks(samples, masks):
+    """Each mask's left and right halves as two proposals (an empty mask: none)."""
+    out = {}
+    for s in samples:
+        m = masks[s.id]
+        left, right = m.copy(), m.copy()
+        left[:, m.shape[1] // 2:] = False
+        right[:, :m.shape[1] // 2] = False
+        out[s.id] = [p for p in (left, right) if p.any()]
+    return out
+
+
+@pytest.mark.parametrize("embedding", ["head", "backbone"])
+def test_each_proposal_is_embedded_as_an_image_with_that_mask(tmp_path, stub_model, embedding):
+    from artifacts.masks import Proposal
+
+    samples = _dataset(tmp_path, 4)
+    masks = _mask_artifact(tmp_path / "v1", samples, np.random.default_rng(5))
+    parts = _split_masks(samples, masks)
+    write_mask_shard(tmp_path / "v2" / "shard-00000.h5",
+                     [MaskRecord(s.id, masks[s.id], proposals=[Proposal(p, 1.0) for p in parts[s.id]])
+                      for s in samples])
+    model = stub_model()
+    params = _params(mask_source="masks", embedding=embedding)
+    summary = extract(model, samples, tmp_path / "out", params, mask_dir=tmp_path / "v2", progress=False)
+    assert summary["schema_version"] == 2 and summary["n_proposals"] == sum(len(p) for p in parts.values())
+    extract(model, samples, tmp_path / "plain", params, mask_dir=tmp_path / "v1", progress=False)
+    store, plain = EmbeddingStore(tmp_path / "out"), EmbeddingStore(tmp_path / "plain")
+    for s in samples:  # the per-image record is the version-1 one
+        a, b = store.get(s.id), plain.get(s.id)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.prototype, b.prototype)
+    for k in range(2):  # proposal k of each image is an image whose mask is that proposal
+        one = {s.id: (parts[s.id][k] if len(parts[s.id]) > k else np.zeros_like(masks[s.id])) for s in samples}
+        write_mask_shard(tmp_path / f"only{k}" / "shard-00000.h5", [MaskRecord(i, m) for i, m in one.items()])
+        extract(model, samples, tmp_path / f"emb{k}", params, mask_dir=tmp_path / f"only{k}", progress=False)
+        alone = EmbeddingStore(tmp_path / f"emb{k}")
+        for s in samples:
+            regions = store.read_regions(s.id)
+            if len(parts[s.id]) <= k:
+                continue
+            np.testing.assert_array_equal(regions[k].mask, parts[s.id][k])
+            np.testing.assert_allclose(regions[k].prototype, alone.get(s.id).prototype, atol=1e-5)
+            assert regions[k].valid == alone.get(s.id).valid
+    ids, counts, protos, valid = store.regions()
+    assert ids == [s.id for s in samples] and counts.tolist() == [max(1, len(parts[i])) for i in ids]
+    assert protos.shape[0] == counts.sum() and not valid[0]  # image 0's mask is empty: one empty region
+
+
+def test_model_source_splits_the_heads_mask_into_components(tmp_path, stub_model):
+    from stages.masks.params import ProposalParams
+
+    samples = _dataset(tmp_path, 4)
+    model = stub_model()
+    split = ProposalParams("components", max_proposals=2, min_proposal=0.0)
+    summary = extract(model, samples, tmp_path / "out", _params(), progress=False, proposals=split)
+    plain = extract(model, samples, tmp_path / "plain", _params(), progress=False, proposals=ProposalParams())
+    assert summary["schema_version"] == 2 and plain["schema_version"] == 1
+    store = EmbeddingStore(tmp_path / "out")
+    assert store.attrs["extract"]["proposals"]["max_proposals"] == 2 and summary["n_proposals"] > 0
+    for s in samples:
+        rec = store.get(s.id, proposals=True)
+        np.testing.assert_array_equal(rec.prototype, EmbeddingStore(tmp_path / "plain").get(s.id).prototype)
+        assert len(rec.proposals) <= 2
+        union = np.zeros(rec.shape, bool)
+        for p in rec.proposals:
+            assert (p.mask <= rec.mask).all() and not (p.mask & union).any()
+            union |= p.mask
+    with pytest.raises(ExtractError, match="written with extract parameters"):
+        extract(model, samples, tmp_path / "out", _params(), progress=False, proposals=ProposalParams())
