@@ -6,11 +6,12 @@ parameters stays light.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from stages.lazy import lazy_exports
 
 _HOMES = {
     "ClusterParams": "params",
@@ -20,13 +21,7 @@ _HOMES = {
         "make_clusters", "parse_names", "read_names", "write_legend")},
 }
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)
 
 
 def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Sequence[Any], split: str,

@@ -329,10 +329,11 @@ def _prepare(root: Path, ids: set[str]) -> None:
         (root / sub).mkdir(parents=True, exist_ok=True)
 
 
-def _readme(n_train: int, n_val: int, size: int, seed: int) -> str:
+def _readme(n_train: int, n_val: int, size: int, seed: int, multi_object: bool = False) -> str:
     rows = "\n".join(f"  {i}  {name}" for i, name in enumerate(DEMO_CLASSES))
-    return f"""MaskContrast demo dataset (synthetic), written by stages.data.demo.make_demo
-Parameters: n_train={n_train} n_val={n_val} size={size} seed={seed}
+    kind, flag = ("multi-object demo", " multi_object=True") if multi_object else ("demo", "")
+    return f"""MaskContrast {kind} dataset (synthetic), written by stages.data.demo.make_demo
+Parameters: n_train={n_train} n_val={n_val} size={size} seed={seed}{flag}
 The same parameters always give byte-identical files.
 
 Layout (folder layout of stages.data):
@@ -345,7 +346,10 @@ Layout (folder layout of stages.data):
 Classes (index, name = shape_texture):
 {rows}
 
-Each image holds one salient, upright object (extent 26-38 % of the side) of one class, painted in
+""" + (_MULTI_OBJECTS if multi_object else _ONE_OBJECT)
+
+
+_ONE_OBJECT = """Each image holds one salient, upright object (extent 26-38 % of the side) of one class, painted in
 a dark and a light grey, on a background of two saturated colours, colour noise and a few smaller,
 fainter objects of the same kinds in random colours. The class is given by the object's SHAPE and
 TEXTURE only: every object's tones are drawn from one distribution, so colour does not identify it.
@@ -353,24 +357,7 @@ The label is the class index inside the object and 0 elsewhere; background objec
 Classes are balanced within each split.
 """
 
-
-def _readme_multi(n_train: int, n_val: int, size: int, seed: int) -> str:
-    rows = "\n".join(f"  {i}  {name}" for i, name in enumerate(DEMO_CLASSES))
-    return f"""MaskContrast multi-object demo dataset (synthetic), written by stages.data.demo.make_demo
-Parameters: n_train={n_train} n_val={n_val} size={size} seed={seed} multi_object=True
-The same parameters always give byte-identical files.
-
-Layout (folder layout of stages.data):
-  images/<id>.jpg    {size}x{size} RGB, JPEG quality 95
-  labels/<id>.png    palette PNG of class indices (0 = background)
-  classes.txt        class names, background first
-  splits/train.txt   {n_train} ids
-  splits/val.txt     {n_val} ids
-
-Classes (index, name = shape_texture):
-{rows}
-
-Each image holds two or three salient, upright objects (extent 18-24 % of the side each) of
+_MULTI_OBJECTS = """Each image holds two or three salient, upright objects (extent 18-24 % of the side each) of
 different classes, apart from each other (a gap of at least 8 % of the side), painted in a dark and
 a light grey, on a background of two saturated colours, colour noise and a few smaller, fainter
 objects of the same kinds in random colours. The class is given by the object's SHAPE and TEXTURE
@@ -427,6 +414,6 @@ def make_demo(root: str | os.PathLike, n_train: int = 240, n_val: int = 120, siz
     _write_atomic(root / "classes.txt", ("\n".join(DEMO_CLASSES) + "\n").encode())
     _write_atomic(root / "splits" / "train.txt", "".join(f"{i}\n" for i in ids[:n_train]).encode())
     _write_atomic(root / "splits" / "val.txt", "".join(f"{i}\n" for i in ids[n_train:]).encode())
-    readme = (_readme_multi if multi_object else _readme)(n_train, n_val, size, seed)
+    readme = _readme(n_train, n_val, size, seed, multi_object)
     _write_atomic(root / "README.txt", readme.encode())
     return DatasetIndex.open(root, layout="folder")

@@ -6,7 +6,7 @@ imported on first use, so that reading the parameters does not import torch.
 """
 from __future__ import annotations
 
-import importlib
+from stages.lazy import lazy_exports
 
 _HOMES = {
     "EvaluateParams": "params",
@@ -15,10 +15,4 @@ _HOMES = {
     "run_protocol": "stage",
 }
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)

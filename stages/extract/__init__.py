@@ -7,10 +7,11 @@ the stage (every split); one split is ``stages.extract.extract.extract`` (the pa
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from stages.lazy import lazy_exports
 
 _HOMES = {
     "ExtractParams": "params",
@@ -19,13 +20,7 @@ _HOMES = {
         "pullback_weights", "resize_features", "resize_mask")},
 }
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)
 
 
 def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Mapping[str, Sequence[Any]],

@@ -8,10 +8,11 @@ parameters does not import torch.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from stages.lazy import lazy_exports
 
 _HOMES = {
     "CheckpointError": "checkpoint",
@@ -24,13 +25,7 @@ _HOMES = {
     "TrainParams": "params",
 }
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str):
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+__getattr__, __all__ = lazy_exports(__name__, _HOMES)
 
 
 def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Sequence[Any], split: str,
