@@ -89,7 +89,8 @@ from .data import (
     make_loader,
 )
 from .loss import PrototypeQueue, balanced_bce, contrastive_loss, proposal_contrastive_loss
-from .params import AugmentParams, TrainParams
+from .neighbours import ColumnRule, contrastive_loss_targets, pooled_features, select_columns
+from .params import AugmentParams, ContrastParams, TrainParams
 
 REFERENCE_DROPOUT = 0.5
 FREEZE_UPTO = "layer2"  # conv1, bn1, layer1, layer2: the reference's frozen part
@@ -98,6 +99,17 @@ LR_POWER = 0.9
 # other values resumes. (``init`` is compared by the file's sha256, not its path.)
 VOLATILE_PARAMS = tuple(sorted(BOOKKEEPING["train"]))
 _TORCH_STREAM, _SHUFFLE_STREAM = 11, 12  # derive_seed stream tags
+
+
+def column_rule(params: TrainParams, epoch: int | None = None) -> ColumnRule | None:
+    """The ``neighbours.ColumnRule`` of ``params.contrast`` in (1-based) ``epoch``; None: today's
+    loss (every option off, or ``epoch`` within the warm-up). Without ``epoch``: the rule after it."""
+    c = params.contrast
+    rule = ColumnRule(fn_threshold=c.fn_threshold, fn_topk=c.fn_topk, nn_topk=c.nn_topk, nn_weight=c.nn_weight,
+                      space=c.space)
+    if not rule.active or (epoch is not None and epoch <= c.warmup_epochs):
+        return None
+    return rule
 
 
 def view_augment(params: TrainParams) -> ViewAugment:
@@ -163,6 +175,7 @@ class Encoders:
     queue: PrototypeQueue | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None = None
+    space_queue: PrototypeQueue | None = None  # key backbone features, row for row with ``queue``
 
     def __post_init__(self) -> None:
         pairs = [(q, k) for q, k in zip(self.model.parameters(), self.key.parameters()) if q.requires_grad]
@@ -191,25 +204,51 @@ def build_encoders(model: MaskContrastModel, params: TrainParams, device: torch.
     optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=params.lr,
                                 momentum=params.momentum, weight_decay=params.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return Encoders(model, model, key, queue, optimizer, scaler)
+    space_queue = None
+    if params.contrast.space == "backbone" and column_rule(params) is not None and params.queue_size:
+        channels = model.decoder[0].convs[0][0].in_channels  # the backbone's output channels
+        space_queue = PrototypeQueue(params.queue_size, channels).to(device)
+    return Encoders(model, model, key, queue, optimizer, scaler, space_queue)
 
 
 @torch.no_grad()
 def key_prototypes(
     key: MaskContrastModel, k_img: torch.Tensor, k_mask: torch.Tensor,
-    shuffle: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shuffle: torch.Generator | None = None, space: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Prototypes of the key view: ``(local B x D, local valid B, global world*B x D)``.
 
     With several processes and a ``shuffle`` generator the key batch is shuffled across ranks
     (shuffle-BN, see the module docstring); the returned prototypes are in the original order.
     ``k_img``: uint8 B x 3 x H x W (normalised here, after any gathering: 4x fewer bytes sent);
-    ``k_mask``: bool B x H x W.
+    ``k_mask``: bool B x H x W. With ``space`` also ``(local B x C, global world*B x C)``: the
+    key backbone's features pooled over the masks (``neighbours.pooled_features``), zero rows for
+    invalid prototypes, in the same order as the prototypes.
     """
+    grids: list[torch.Tensor] = []
+    hook = key.backbone.register_forward_hook(lambda _m, _i, out: grids.append(out)) if space else None
+    try:
+        found = _key_prototypes(key, k_img, k_mask, shuffle)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if not space:
+        return found[:3]
+    protos, valid, all_protos, masks = found[:4]
+    pooled = pooled_features(grids[0], masks)  # rows of the images this rank embedded
+    if D.is_dist() and shuffle is not None:  # back to the original order, as the prototypes
+        b, rank = k_img.shape[0], D.get_rank()
+        pooled = D.all_gather_tensor(pooled)[found[4]][rank * b: (rank + 1) * b]
+    pooled = pooled * valid[:, None].to(pooled.dtype)  # valid: this rank's images, original order
+    return protos, valid, all_protos, pooled, D.all_gather_tensor(pooled)
+
+
+def _key_prototypes(key, k_img, k_mask, shuffle):
+    """``key_prototypes`` plus the masks in the order the key embedded them (and the unshuffle)."""
     if not D.is_dist() or shuffle is None:
         emb = F.normalize(key(normalize_images(k_img))[0].float(), dim=1)  # B x D x H x W
         protos, valid = mask_prototypes(emb, k_mask)
-        return protos, valid, D.all_gather_tensor(protos)
+        return protos, valid, D.all_gather_tensor(protos), k_mask
     b, rank = k_img.shape[0], D.get_rank()
     images = D.all_gather_tensor(k_img)  # world*B x 3 x H x W
     masks = D.all_gather_tensor(k_mask.to(torch.uint8)).bool()  # gloo cannot gather bool
@@ -220,7 +259,8 @@ def key_prototypes(
     unshuffle = torch.argsort(perm)
     all_protos = D.all_gather_tensor(protos)[unshuffle]  # world*B x D, original order
     all_valid = D.all_gather_tensor(valid.to(torch.uint8))[unshuffle].bool()
-    return all_protos[rank * b: (rank + 1) * b], all_valid[rank * b: (rank + 1) * b], all_protos
+    return (all_protos[rank * b: (rank + 1) * b], all_valid[rank * b: (rank + 1) * b], all_protos,
+            masks[mine], unshuffle)
 
 
 def proposal_columns(slots: torch.Tensor, slot_valid: torch.Tensor,
@@ -279,7 +319,7 @@ def train_step(
     enc: Encoders, q_img: torch.Tensor, q_mask: torch.Tensor, k_img: torch.Tensor, k_mask: torch.Tensor,
     *, temperature: float, key_momentum: float, amp_dtype: torch.dtype | None = None,
     shuffle: torch.Generator | None = None, contrastive_fn: Callable[..., torch.Tensor] = contrastive_loss,
-    n_slots: int = 1,
+    n_slots: int = 1, rule: ColumnRule | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a batch; returns detached float32 ``[loss, contrastive, saliency]``.
 
@@ -288,9 +328,13 @@ def train_step(
     ``n_slots`` proposals per image (``data``; :func:`proposal_contrastive_loss`, one prototype
     per proposal, the saliency target their union with the foreground of no proposal). The queue
     is read before and written after the optimiser step; with proposals it takes all of the
-    step's proposals (``PrototypeQueue.enqueue(any_count=True)``).
+    step's proposals (``PrototypeQueue.enqueue(any_count=True)``). ``rule`` (not None, one mask
+    per image): the columns and positives of each image's anchors (``neighbours``) instead of
+    ``contrastive_fn``.
     """
     proposals = q_mask.dtype != torch.bool
+    if proposals and (rule is not None or enc.space_queue is not None):
+        raise ValueError("train.contrast needs one mask per image; it is not implemented for proposals")
     q_in = normalize_images(q_img)
     device_type = q_in.device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -301,7 +345,8 @@ def train_step(
                 protos, valid, column_of, all_protos = key_proposal_prototypes(enc.key, k_img, k_mask, n_slots,
                                                                                shuffle)
             else:
-                protos, valid, all_protos = key_prototypes(enc.key, k_img, k_mask, shuffle)
+                space = (rule is not None and rule.space == "backbone") or enc.space_queue is not None
+                protos, valid, all_protos, *pooled = key_prototypes(enc.key, k_img, k_mask, shuffle, space=space)
         if enc.queue is not None:
             negatives = enc.queue.negatives()  # filled x D
         else:
@@ -309,8 +354,16 @@ def train_step(
         if proposals:
             loss_c = proposal_contrastive_loss(q_emb, q_mask, column_of, protos, negatives, temperature, valid)
             loss_s = balanced_bce(q_sal, q_mask > 0)
-        else:
+        elif rule is None:
             loss_c = contrastive_fn(q_emb, q_mask, protos, negatives, temperature, valid)
+            loss_s = balanced_bce(q_sal, q_mask)
+        else:
+            memory = None
+            if rule.space == "backbone":
+                memory = (pooled[0], enc.space_queue.negatives() if enc.space_queue is not None
+                          else pooled[0].new_zeros((0, pooled[0].shape[1])))
+            keep, targets = select_columns(protos, negatives, rule, space=memory)
+            loss_c = contrastive_loss_targets(q_emb, q_mask, protos, negatives, temperature, keep, targets, valid)
             loss_s = balanced_bce(q_sal, q_mask)
     loss = loss_c.float() + loss_s.float()
     enc.optimizer.zero_grad(set_to_none=True)
@@ -323,6 +376,8 @@ def train_step(
         enc.optimizer.step()
     if enc.queue is not None:
         enc.queue.enqueue(all_protos, any_count=proposals)
+    if enc.space_queue is not None:  # also during a warm-up: row for row with the prototype queue
+        enc.space_queue.enqueue(pooled[1])
     return torch.stack([loss.detach(), loss_c.detach().float(), loss_s.detach().float()])
 
 
@@ -402,7 +457,8 @@ class Trainer:
     def _check_resume(self, state: dict, path: Path) -> None:
         mine = to_plain(self.params)
         # checkpoints from before the augment key; tuples and lists alike
-        theirs = to_plain({"augment": to_plain(AugmentParams()), **state.get("params", {})})
+        theirs = to_plain({"augment": to_plain(AugmentParams()), "contrast": to_plain(ContrastParams()),
+                           **state.get("params", {})})
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in mine.items()
                 if k not in VOLATILE_PARAMS and k != "init" and theirs.get(k) != v]
         if (theirs.get("init") == "random") != (self.params.init == "random"):
@@ -443,6 +499,8 @@ class Trainer:
         enc.key.load_state_dict(state["key"])
         if enc.queue is not None:
             enc.queue.load_state_dict(state["queue"])
+        if enc.space_queue is not None:
+            enc.space_queue.load_state_dict(state["space_queue"])
         # Optimiser state is adopted as is (no copy): clone it off the memory-mapped file.
         enc.optimizer.load_state_dict(_clone_tensors(state["optimizer"]))
         if enc.scaler is not None and state.get("scaler"):
@@ -552,7 +610,7 @@ class Trainer:
                 enc, q_img.to(device, non_blocking=True), q_mask.to(device, non_blocking=True),
                 k_img.to(device, non_blocking=True), k_mask.to(device, non_blocking=True),
                 temperature=p.temperature, key_momentum=p.key_momentum, amp_dtype=amp_dtype, shuffle=shuffle,
-                n_slots=n_slots)
+                n_slots=n_slots, rule=column_rule(p, epoch))
             reduced = torch.cat([losses.double().cpu(), item_stats.sum(0).double()])
             if info.distributed:  # one collective: mean losses, summed data counts
                 reduced = D.all_reduce_mean(reduced.to(device)).cpu()
@@ -602,6 +660,7 @@ class Trainer:
                 "epoch": epoch, "global_step": self.global_step,
                 "model": cpu_state_dict(enc.model), "key": cpu_state_dict(enc.key),
                 "queue": cpu_state_dict(enc.queue) if enc.queue is not None else None,
+                **({"space_queue": cpu_state_dict(enc.space_queue)} if enc.space_queue is not None else {}),
                 "optimizer": enc.optimizer.state_dict(),
                 "scaler": enc.scaler.state_dict() if enc.scaler is not None else None,
                 "rng": rng, "samples": samples_fingerprint(self.samples),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from stages.network.choices import Amp, Backbone, InitKind
 from stages.params import ParamError, check_fields, in_range, nested, opt
@@ -46,6 +46,26 @@ class AugmentParams:
 
 
 @dataclass(frozen=True)
+class ContrastParams:
+    """Which prototype columns each image's anchors see (:mod:`stages.train.neighbours`; defaults:
+    all, with the own prototype as the only positive: the reference's loss). Without them every
+    other image of an object's class is a negative (false negatives) and nothing pulls same-class
+    objects together. Cosines are measured between key prototypes (``space``)."""
+    fn_threshold: Optional[float] = opt(None, doc="drop negatives whose cosine to the own key prototype is above this",
+                                        check=in_range(-1.0, 1.0))
+    fn_topk: int = opt(0, doc="drop the negatives most similar to the own key prototype", check=in_range(0))
+    nn_topk: int = opt(0, doc="the columns most similar to the own key prototype become extra positives (NNCLR-style)",
+                       check=in_range(0))
+    nn_weight: float = opt(1.0, doc="total weight of those extra positives (the own prototype's: 1)", check=in_range(0.0))
+    space: Literal["head", "backbone"] = opt(
+        "head", doc="cosines between the prototypes themselves, or between mask-pooled key backbone features")
+    warmup_epochs: int = opt(0, doc="epochs of the plain loss before the rules above apply", check=in_range(0))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
 class TrainParams:
     backbone: Backbone = opt("resnet50", doc="encoder")
     output_stride: Literal[8, 16] = opt(8, doc="encoder output stride (dilated)")
@@ -62,6 +82,7 @@ class TrainParams:
     weight_decay: float = opt(1e-4, check=in_range(0.0))
     crop_size: int = opt(224, check=in_range(16))
     augment: AugmentParams = opt(default_factory=AugmentParams, since_default=True)
+    contrast: ContrastParams = opt(default_factory=ContrastParams, since_default=True)
     embedding_dim: int = opt(32, check=in_range(1))
     seed: int = opt(0, doc="seed for Python, numpy and torch (recorded in the manifest)")
     amp: Amp = opt("auto", doc="mixed precision on GPU")
@@ -78,6 +99,8 @@ class TrainParams:
     def __post_init__(self) -> None:
         if isinstance(self.augment, Mapping):  # some keys, as checkpoints and Python callers give them
             object.__setattr__(self, "augment", nested(AugmentParams, self.augment, "augment"))
+        if isinstance(self.contrast, Mapping):
+            object.__setattr__(self, "contrast", nested(ContrastParams, self.contrast, "contrast"))
         check_fields(self)
         if self.queue_size % self.batch_size:
             raise ParamError(f"must be a multiple of batch_size ({self.batch_size}), got {self.queue_size}",

@@ -212,7 +212,8 @@ def test_stage_parameter_objects_read_the_same_declaration():
     assert recorded == ExtractParams().recorded()
 
 
-@pytest.mark.parametrize("setting", ["train.epochs=3", "extract.input_size=256", "masks.threshold=0.4"])
+@pytest.mark.parametrize("setting", ["train.epochs=3", "extract.input_size=256", "masks.threshold=0.4",
+                                     "train.contrast.nn_topk=2"])
 def test_result_keys_do_change_versions(setting, tmp_path):
     assert planned_versions("configs/demo.yaml", tmp_path, (setting,)) != PINNED["configs/demo.yaml"]
 
