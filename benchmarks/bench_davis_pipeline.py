@@ -12,7 +12,10 @@ store so shared stages are computed once) from ``configs/davis16_mobilenet.yaml`
 - ``features``: trained on the ``features`` masks (objects cut from the ImageNet MobileNetV2's
   feature grid; no saliency labels); ``bootstrap-features``: the bootstrap taught by them;
 - ``model-backbone`` / ``bootstrap-backbone``: that row's network, prototypes from its backbone
-  like ``init`` (does training improve the backbone, or only add a head on top of it?).
+  like ``init`` (does training improve the backbone, or only add a head on top of it?);
+- ``model-<route>`` / ``model-<route>-backbone``: the ``model`` row trained with a
+  ``train.contrast`` route of issue 18 (``ROUTES``: false negatives out, nearest-neighbour positives
+  in, neighbours measured in the head's or the key backbone's space).
 
 and prints one markdown table (K-means mIoU mean ± std over the seeds and its colour baseline,
 linear probe, retrieval, saliency of the masks used, wall time of the row). Rerunning reuses every
@@ -45,15 +48,23 @@ ROWS = {
     # objects cut from the ImageNet MobileNetV2's features (the default estimator of pipeline.yaml)
     "features": ["masks.method=features", f"masks.features.init={IMAGENET}"],
     "features-backbone": ["masks.method=features", f"masks.features.init={IMAGENET}", "extract.embedding=backbone"],
-    # (no linear probe: its decoder would be random, as in the init row's 8.4)
-    "init-features": ["train.epochs=0", "extract.embedding=backbone", "extract.mask_source=masks",
-                      "masks.method=features", f"masks.features.init={IMAGENET}",
-                      "evaluate.protocols=[kmeans,retrieval,saliency]"],
     "bootstrap-features": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}",
                            "masks.bootstrap.teacher=features", f"masks.features.init={IMAGENET}"],
     "model-backbone": ["extract.embedding=backbone"],
     "bootstrap-backbone": ["masks.method=bootstrap", f"masks.bootstrap.init={IMAGENET}", "extract.embedding=backbone"],
 }
+# issue 18's routes (train.contrast, stages/train/neighbours.py), each on the U2-Net-p masks
+ROUTES = {
+    "fn": ["train.contrast.fn_topk=4"],  # the 4 columns nearest the own prototype leave the softmax
+    "nn": ["train.contrast.nn_topk=2"],  # the 2 nearest columns become positives (total weight 1)
+    "bbfn": ["train.contrast.fn_topk=4", "train.contrast.space=backbone"],  # ... nearest in backbone space
+    "bbnn": ["train.contrast.nn_topk=2", "train.contrast.space=backbone"],
+    # 4 neighbours in backbone space as positives, total weight 2 (the best 10-epoch screen)
+    "bbnn4": ["train.contrast.nn_topk=4", "train.contrast.nn_weight=2", "train.contrast.space=backbone"],
+}
+for _route, _sets in ROUTES.items():
+    ROWS[f"model-{_route}"] = list(_sets)
+    ROWS[f"model-{_route}-backbone"] = [*_sets, "extract.embedding=backbone"]
 
 
 def _run(store: Path, sets: list[str]) -> Path:
