@@ -308,3 +308,11 @@ def test_two_processes_keep_the_feature_queue_aligned_with_the_prototype_queue(d
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert torch.equal(ranks[0]["space"], ranks[1]["space"]) and torch.equal(ranks[0]["queue"], ranks[1]["queue"])
     assert (ranks[0]["space"].norm(dim=1) > 0.99).all()
+
+
+def test_the_routes_refuse_proposal_label_maps() -> None:
+    labels = torch.ones(2, 8, 8, dtype=torch.uint8)
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="train.contrast needs one mask per image"):
+        loop.train_step(None, images, labels, images, labels, temperature=0.5, key_momentum=0.999,
+                        rule=ColumnRule(nn_topk=1, nn_weight=1.0))
