@@ -23,27 +23,14 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from demo_spread import cli  # noqa: E402  (benchmarks/ is this script's directory)
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("single", "components")
-
-
-def cli(args: list[str], log: Path | None = None) -> str:
-    """``python -m pipeline ARGS`` from the repository root: its stdout (stderr to ``log``)."""
-    err = open(log, "a") if log else subprocess.DEVNULL
-    try:
-        done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=err, text=True)
-    finally:
-        if log:
-            err.close()
-    if done.returncode:
-        raise SystemExit(f"python -m pipeline {' '.join(args)} exited {done.returncode}; see {log}\n{done.stdout}")
-    return done.stdout
 
 
 def _manifest(store: Path, ref: str) -> dict:
