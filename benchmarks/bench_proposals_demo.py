@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from demo_spread import cli  # noqa: E402  (benchmarks/ is this script's directory)
+from demo_spread import cli, run_seed  # noqa: E402  (benchmarks/ is this script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("single", "components")
@@ -39,16 +38,7 @@ def _manifest(store: Path, ref: str) -> dict:
 
 def run(config: Path, store: Path, data: Path, mode: str, seed: int, extra: list[str], log: Path) -> dict:
     """One pipeline run; its figures, and the artifacts it used."""
-    args = ["--config", str(config), "--store", str(store), "-q"]
-    for s in [f"data.root={data}", f"masks.proposals={mode}", f"train.seed={seed}", *extra]:
-        args += ["--set", s]
-    start = time.time()
-    out = cli([*args, "run"], log)
-    found = re.search(r"^done: evaluate artifact at (.+)$", out, re.M)
-    if not found:
-        raise SystemExit(f"no evaluation artifact in the output of run:\n{out}")
-    evaluation = Path(found.group(1).strip())
-    evaluation = evaluation if evaluation.is_absolute() else ROOT / evaluation
+    evaluation, seconds = run_seed(config, store, data, seed, [f"masks.proposals={mode}", *extra], log)
     metrics = json.loads((evaluation / "metrics.json").read_text())
     ev = _manifest(store, f"evaluate/{evaluation.name}")
     extract = _manifest(store, ev["inputs"]["extract"])
@@ -58,7 +48,7 @@ def run(config: Path, store: Path, data: Path, mode: str, seed: int, extra: list
     masks = _manifest(store, masks_ref)
     km = metrics["kmeans"]
     return {
-        "mode": mode, "seed": seed, "seconds": round(time.time() - start, 1),
+        "mode": mode, "seed": seed, "seconds": round(seconds, 1),
         "evaluate": f"evaluate/{evaluation.name}", "train": train_ref, "masks": masks_ref,
         "kmeans": km["miou"], "kmeans_std": km["miou_std"], "eval_seeds": km.get("seeds", []),
         "colour": km.get("colour_baseline", {}).get("miou", float("nan")),

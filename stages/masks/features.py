@@ -261,28 +261,27 @@ _CLASSIFIER_KEYS = {"mobilenet_v2": "classifier.1", "resnet18": "fc", "resnet50"
 _TOP_CLASSES = 5
 
 
-def load_classifier(backbone: str, weights: str | Path | None):
-    """The ImageNet classifier of a torchvision checkpoint as an ``nn.Linear`` (seeded random
-    without ``weights``, like the backbone); ``FeaturesError`` when the file carries none (a MoCo
-    checkpoint's MLP head is not a classifier)."""
+def load_classifier(backbone: str, weights: str | Path | None, width: int = 0):
+    """The ImageNet classifier of a torchvision checkpoint as an ``nn.Linear`` (without
+    ``weights``: seeded random on ``width`` features, like the backbone); ``FeaturesError`` when
+    the file carries none (a MoCo checkpoint's MLP head is not a classifier). A file made for
+    another backbone is refused by ``load_init`` already."""
     import torch
     from torch import nn
 
-    width = {"mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048}[backbone]
-    prefix = _CLASSIFIER_KEYS[backbone]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        layer = nn.Linear(width, 1000)
     if weights is None:
-        return layer.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return nn.Linear(width, 1000).eval()
+    prefix = _CLASSIFIER_KEYS[backbone]
     state = torch.load(weights, map_location="cpu", weights_only=True)
     w, b = (state.get(f"{prefix}.{k}") if isinstance(state, dict) else None for k in ("weight", "bias"))
-    if not isinstance(w, torch.Tensor) or w.ndim != 2 or w.shape[1] != width or not isinstance(b, torch.Tensor):
+    if not isinstance(w, torch.Tensor) or w.ndim != 2 or not isinstance(b, torch.Tensor):
         raise FeaturesError(
             f"{weights}: masks.features.class_prior needs weights with an ImageNet classifier "
-            f"('{prefix}.weight' of shape (classes, {width})); this file has none (a MoCo or other "
+            f"('{prefix}.weight' and '{prefix}.bias'); this file has none (a MoCo or other "
             "self-supervised checkpoint): set masks.features.class_prior: 0")
-    layer = nn.Linear(width, w.shape[0])
+    layer = nn.Linear(w.shape[1], w.shape[0])
     layer.load_state_dict({"weight": w, "bias": b})
     return layer.eval()
 
@@ -302,11 +301,11 @@ class FeatureGrid:
         self.name = backbone
         with torch.random.fork_rng(devices=[]):  # without weights: the same network in every process
             torch.manual_seed(0)
-            self.net, _ = build_backbone(backbone, GRID_STRIDE)
+            self.net, channels = build_backbone(backbone, GRID_STRIDE)
         if weights is not None:
             load_init(self.net, weights, init_kind)
         self.net.eval()
-        self.classifier = load_classifier(backbone, weights) if classes else None
+        self.classifier = load_classifier(backbone, weights, channels) if classes else None
         self._torch = torch
 
     def __call__(self, image: np.ndarray, long_side: int) -> tuple[np.ndarray, np.ndarray | None]:
