@@ -22,7 +22,7 @@ from stages.common.weights import WEIGHT_NAMES, WeightsError, is_named, resolve_
 from stages.data.io import DEFAULT_MAX_PIXELS
 from stages.evaluate.params import VOC_SEEDS, EvaluateParams  # noqa: F401  (VOC_SEEDS: the presets' seeds)
 from stages.extract.params import ExtractParams
-from stages.masks.params import OnnxParams, PostParams, PriorParams, ProposalParams
+from stages.masks.params import BootstrapParams, FeatureParams, OnnxParams, PostParams, PriorParams, ProposalParams
 from stages.params import at_default_since
 from stages.train.params import TrainParams
 
@@ -44,51 +44,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class BootstrapConfig:
-    backbone: Literal["resnet18", "resnet50", "mobilenet_v2"] = opt("mobilenet_v2", doc="saliency network encoder")
-    init: str = opt("random", doc="'random', 'imagenet', 'moco_v2' (resnet50) or a checkpoint path for the encoder")
-    teacher: Literal["priors", "features"] = opt("priors", doc="first pseudo-labels: the hand-crafted priors or the features estimator (masks.features)")
-    rounds: int = opt(3, doc="pseudo-label refinement rounds", check=in_range(1))
-    epochs_per_round: int = opt(3, doc="training epochs per round", check=in_range(1))
-    input_size: int = opt(224, doc="training/inference size (a multiple of 32)",
-                          check=lambda v: None if v >= 32 and v % 32 == 0 else f"must be a multiple of 32, >= 32, got {v}")
-    batch_size: int = opt(16, doc="images per step (>= 2 for BatchNorm)", check=in_range(2))
-    lr: float = opt(0.01, check=in_range(0.0, lo_open=True))
-    ema: float = opt(0.7, doc="moving-average weight of the previous pseudo-label in refinement", check=in_range(0.0, 1.0))
-    freeze: Literal["none", "stem", "layer1", "layer2", "layer3", "layer4"] = opt(
-        "layer2", doc="with a pretrained init, freeze the encoder up to this stage (ignored with random init)")
-    crf: bool = opt(False, doc="snap the fitted network's maps to colour edges with the features estimator's dense CRF (not part of the fit)")
-    seed: int = opt(0)
-
-
-def _weights_value(v):
-    return "must be a weights name, 'random' or a checkpoint path" if not v else None
-
-
-@dataclass(frozen=True)
-class FeaturesConfig:
-    backbone: Literal["mobilenet_v2", "resnet18", "resnet50"] = opt("mobilenet_v2", doc="pretrained encoder whose features are cut")
-    init: str = opt("imagenet", doc="its weights: 'imagenet', 'moco_v2' (resnet50) or a checkpoint path", check=_weights_value)
-    init_kind: Literal["moco", "torchvision", "auto"] = opt("auto", doc="checkpoint key layout")
-    size: int = opt(448, doc="long side (px) of the network input (stride-16 grid)", check=in_range(64, 4096))
-    temperature: float = opt(0.1, doc="softmax temperature of the similarity behind the spread cue", check=in_range(0.0, lo_open=True))
-    seed_share: float = opt(0.03, doc="share of the patches taken as object seeds", check=in_range(0.0, 0.5, lo_open=True, hi_open=True))
-    bg_prototypes: int = opt(16, doc="k-means centroids of the background seeds", check=in_range(1))
-    iterations: int = opt(2, doc="re-estimations of the object and background sets", check=in_range(0))
-    sharpness: float = opt(0.05, doc="sigmoid scale of (object - background similarity)", check=in_range(0.0, lo_open=True))
-    crf: bool = opt(True, doc="refine with a two-label dense CRF on the image")
-    crf_size: int = opt(256, doc="long side (px) of the CRF refinement", check=in_range(32, 4096))
-    crf_iterations: int = opt(5, doc="mean-field iterations of the refinement", check=in_range(0))
-    crf_sxy: float = opt(20.0, doc="bilateral kernel width (px at crf_size)", check=in_range(0.0, lo_open=True))
-    crf_srgb: float = opt(10.0, doc="bilateral colour width (0..255)", check=in_range(0.0, lo_open=True))
-    crf_compat: float = opt(5.0, doc="bilateral Potts weight", check=in_range(0.0))
-    max_objects: int = opt(3, doc="objects a repeated cut looks for (several proposals per image)", check=in_range(1))
-    min_object_score: float = opt(0.5, doc="a further object's seed score relative to the first's", check=in_range(0.0, 1.0))
-    class_prior: float = opt(0.25, doc="exponent of the ImageNet classifier's class-activation map in the seed score (0: off; needs weights with a classifier, not MoCo)", check=in_range(0.0, 4.0))
-    threads: int = opt(1, doc="torch threads per worker", check=in_range(1))
-
-
-@dataclass(frozen=True)
 class MasksConfig(ProposalParams, PostParams):
     """The masks section: the post-processing keys (``PostParams``) and the object-proposal keys
     (``ProposalParams``), declared there, the estimator and its sub-sections."""
@@ -101,8 +56,8 @@ class MasksConfig(ProposalParams, PostParams):
     shard_size: int = opt(512, doc="images per HDF5 shard", check=in_range(1))
     priors: PriorParams = opt(default_factory=PriorParams)
     model: OnnxParams = opt(default_factory=OnnxParams)
-    bootstrap: BootstrapConfig = opt(default_factory=BootstrapConfig)
-    features: FeaturesConfig = opt(default_factory=FeaturesConfig)
+    bootstrap: BootstrapParams = opt(default_factory=BootstrapParams)
+    features: FeatureParams = opt(default_factory=FeatureParams)
 
     def __post_init__(self):
         super().__post_init__()

@@ -42,20 +42,11 @@ def _masks_params(ctx: Context) -> Mapping[str, Any]:
 
         params["import"] = {"fingerprint": folder_fingerprint(m.import_dir)}
     elif m.method == "bootstrap":
-        import dataclasses
-
-        from stages.bookkeeping import without_bookkeeping
-
-        resolved = without_bookkeeping("masks.bootstrap",  # module defaults included
-                                       dataclasses.asdict(_bootstrap_params(ctx.cfg)))
-        resolved["init"] = _init_identity(resolved["init"], resolved["backbone"])
-        if not resolved["crf"]:  # left out: the versions made before it existed
-            del resolved["crf"]
-        params["bootstrap"] = resolved
-        if m.bootstrap.teacher == "priors":  # the teacher key is left out: the versions made before it existed
-            params["priors"] = ctx.cfg.section("masks")["priors"]
+        section = ctx.cfg.section("masks")  # crf and teacher (since_default) only when not at their default
+        params["bootstrap"] = {**section["bootstrap"], "init": _init_identity(m.bootstrap.init, m.bootstrap.backbone)}
+        if m.bootstrap.teacher == "priors":
+            params["priors"] = section["priors"]
         else:
-            params["bootstrap"]["teacher"] = m.bootstrap.teacher
             params["features"] = _features_identity(ctx.cfg)
     elif m.method == "features":
         params["features"] = _features_identity(ctx.cfg)
@@ -94,7 +85,7 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
         from stages.masks.bootstrap import BootstrapEstimator, fit_bootstrap
 
         teacher = cfg.masks.priors if m.bootstrap.teacher == "priors" else _features_estimator(cfg)
-        checkpoint = fit_bootstrap(list(samples), teacher, _bootstrap_params(cfg), work_dir, progress=progress)
+        checkpoint = fit_bootstrap(list(samples), teacher, m.bootstrap, work_dir, progress=progress)
         return BootstrapEstimator(checkpoint, crf=m.bootstrap.crf)
     if m.method == "priors":
         return stage.PriorsEstimator(cfg.masks.priors)
@@ -109,20 +100,11 @@ def make_estimator(cfg: Config, work_dir: Path | None = None, samples=None, prog
 
 def _features_estimator(cfg: Config):
     from stages.common.weights import file_digest, resolve_init
-    from stages.masks.features import FeatureEstimator, FeatureParams
+    from stages.masks.features import FeatureEstimator
 
     f = cfg.masks.features
-    section = cfg.section("masks", drop_volatile=False)["features"]
-    params = FeatureParams(**{k: v for k, v in section.items() if k not in ("init", "init_kind", "threads")})
     weights = Path(resolve_init(f.init, f.backbone))
-    return FeatureEstimator(params, weights, file_digest(weights), f.init_kind, threads=f.threads)
-
-
-def _bootstrap_params(cfg: Config):
-    from stages.masks.bootstrap import BootstrapParams
-
-    section = cfg.section("masks", drop_volatile=False)["bootstrap"]
-    return BootstrapParams(**{k: v for k, v in section.items() if k != "teacher"})
+    return FeatureEstimator(f, weights, file_digest(weights))
 
 
 def _run_masks(ctx: Context, writer: ArtifactWriter, inputs: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -5,7 +5,6 @@ Everything that decides whether work can be reused reads this table and nothing 
 - artifact versions (``pipeline.config.Config.section``, hence every stage's parameters);
 - the parameters a resumed training compares with its checkpoint (``stages.train.loop``);
 - the parameters an extraction records in its shards and compares on resume (``stages.extract``);
-- the bootstrap estimator's parameters in the mask artifact's version (``pipeline.stagedefs``);
 - the README's configuration table, which marks each of these keys.
 
 Keys are grouped by config section (dotted); the stage parameter objects use the same field names

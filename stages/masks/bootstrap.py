@@ -34,7 +34,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -49,10 +49,11 @@ from torchvision.ops import roi_align
 from artifacts.atomic import atomic_path, atomic_write_json, sha256_file
 from stages.common.weights import resolve_init
 from stages.data import BadInputError, Sample, load_image
-from stages.masks.features import FeatureParams, crf_refine
+from stages.masks.features import crf_refine
+from stages.masks.params import BootstrapParams, FeatureParams
 from stages.masks.priors import PriorParams, priors_saliency
 from stages.network.init import load_init
-from stages.network.backbones import BACKBONES, FREEZE_POINTS, build_backbone, frozen_modules
+from stages.network.backbones import build_backbone, frozen_modules
 from stages.network.runtime import IMAGENET_MEAN, IMAGENET_STD, resolve_device
 
 __all__ = [
@@ -86,80 +87,7 @@ _MOBILENET_LEVEL_END = (3, 6, 13, 18)
 
 
 class BootstrapError(ValueError):
-    """A fit that cannot run or continue: bad parameters, no usable image, a foreign work_dir."""
-
-
-@dataclass(frozen=True)
-class BootstrapParams:
-    """Parameters of ``fit_bootstrap``.
-
-    backbone: encoder, one of ``stages.network.backbones.BACKBONES`` (output stride 32, skips at 4-16).
-    init: "random", or a checkpoint for the encoder (torchvision ImageNet or MoCo, see ``load_init``).
-    rounds, epochs_per_round: training rounds, each followed by a pseudo-label refinement.
-    input_size: images and pseudo-labels are resized (aspect not kept) to input_size x input_size.
-    batch_size, lr: SGD (momentum 0.9, weight decay 1e-4), lr decayed by poly 0.9 within a round.
-    ema: weight of the previous pseudo-label in the refinement (``refine_labels``).
-    label_threshold: round 1 trains on the hard targets prior > label_threshold; the share of
-        foreground pixels they have, over all images, is the fit's foreground fraction.
-    calibrate: keep that foreground fraction in later rounds, where the hard targets are the
-        refined pseudo-labels above their matching quantile (instead of above label_threshold),
-        and in every round's output, shifted so that the same share of pixels exceeds 0.5
-        (``calibrate``). Without it, hard targets and predictions shrink round after round.
-    iou_weight: weight of the soft-IoU term added to the BCE loss (0 disables it).
-    crop_scale: smallest area fraction of the random crops (crop-resize augmentation).
-    decoder_channels: width of the FPN-lite decoder.
-    freeze: with a pretrained ``init``, the backbone stage up to which the encoder is frozen (no
-        gradients, BatchNorm in eval mode), one of ``stages.network.backbones.FREEZE_POINTS`` ("layer4":
-        all of it), or "none". Ignored with a random init: there is nothing learnt to keep.
-    crf: the estimator snaps its maps to the image's colour edges with the ``features``
-        estimator's two-label dense CRF (its default settings, ``BOOTSTRAP_CRF``; ``crf_refine``),
-        as the teacher's maps are when the teacher is ``features``. Not part of the fit.
-    seed: seeds the network initialisation, the batch order and the augmentations.
-    num_workers: processes that compute the prior maps (0: in this process).
-    device: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
-    """
-
-    backbone: str = "mobilenet_v2"
-    init: str = "random"
-    rounds: int = 3
-    epochs_per_round: int = 3
-    input_size: int = 224
-    batch_size: int = 16
-    lr: float = 0.01
-    ema: float = 0.7
-    label_threshold: float = 0.5
-    calibrate: bool = True
-    iou_weight: float = 1.0
-    crop_scale: float = 0.5
-    decoder_channels: int = 64
-    freeze: str = "layer2"
-    crf: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise BootstrapError(f"BootstrapParams.backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
-        if self.rounds < 1 or self.epochs_per_round < 1:
-            raise BootstrapError(
-                f"BootstrapParams.rounds and epochs_per_round must be >= 1, got {self.rounds}, {self.epochs_per_round}")
-        if self.input_size < 32 or self.input_size % 32:
-            raise BootstrapError(f"BootstrapParams.input_size must be a multiple of 32 and >= 32, got {self.input_size}")
-        if self.batch_size < 2:
-            raise BootstrapError(f"BootstrapParams.batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
-        if not 0.0 <= self.ema < 1.0:
-            raise BootstrapError(f"BootstrapParams.ema must be in [0, 1), got {self.ema}")
-        if not 0.0 < self.crop_scale <= 1.0:
-            raise BootstrapError(f"BootstrapParams.crop_scale must be in (0, 1], got {self.crop_scale}")
-        if self.freeze != "none" and self.freeze not in FREEZE_POINTS:
-            raise BootstrapError(f"BootstrapParams.freeze must be 'none' or one of {', '.join(FREEZE_POINTS)}, got {self.freeze!r}")
-        if not 0.0 < self.label_threshold < 1.0:
-            raise BootstrapError(f"BootstrapParams.label_threshold must be in (0, 1), got {self.label_threshold}")
-        if self.lr <= 0 or self.iou_weight < 0 or self.decoder_channels < 1 or self.num_workers < 0:
-            raise BootstrapError(
-                "BootstrapParams needs lr > 0, iou_weight >= 0, decoder_channels >= 1, num_workers >= 0; got "
-                f"{self.lr}, {self.iou_weight}, {self.decoder_channels}, {self.num_workers}")
+    """A fit that cannot run or continue: no usable image, a foreign work_dir, not a checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,6 +440,7 @@ def _refine_all(labels: np.ndarray, raw: np.ndarray, threshold: float, ema: floa
 def _config(params: BootstrapParams, prior_params: Teacher) -> dict[str, Any]:
     fields = asdict(params)
     del fields["crf"]  # the estimator's post-processing, not the fit's
+    del fields["teacher"]  # recorded as itself, under prior_params
     return {"params": fields, "prior_params": teacher_config(prior_params)}
 
 

@@ -28,7 +28,7 @@ davis16-objects only, with the ImageNet MobileNetV2; the val split was scored on
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ import cv2
 import numpy as np
 
 from stages.evaluate.crf import CRFParams, dense_crf
+from stages.masks.params import FeatureParams
 
-FEATURE_BACKBONES = ("mobilenet_v2", "resnet18", "resnet50")
 GRID_STRIDE = 16
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,55 +45,7 @@ _MIN_SEEDS = 3
 
 
 class FeaturesError(ValueError):
-    """Impossible ``features`` estimator settings."""
-
-
-@dataclass(frozen=True)
-class FeatureParams:
-    """Settings of the ``features`` estimator (``masks.features``); see the module docstring."""
-
-    backbone: str = "mobilenet_v2"
-    size: int = 448  # long side of the network input, px (a multiple of 16 is used)
-    temperature: float = 0.1  # softmax temperature of the similarity used for the spread cue
-    seed_share: float = 0.03  # share of the patches taken as object seeds
-    bg_prototypes: int = 16  # k-means centroids of the background seeds
-    iterations: int = 2  # re-estimations of the object / background sets
-    sharpness: float = 0.05  # sigmoid scale of (sim_fg - sim_bg)
-    crf: bool = True
-    crf_size: int = 256  # long side (px) of the CRF refinement
-    crf_iterations: int = 5
-    crf_sxy: float = 20.0
-    crf_srgb: float = 10.0
-    crf_compat: float = 5.0
-    max_objects: int = 3  # objects ``object_cuts`` looks for
-    min_object_score: float = 0.5  # a further object's seed score relative to the first's
-    class_prior: float = 0.25  # exponent of the classifier's class-activation map in the seed score
-
-    def __post_init__(self) -> None:
-        checks = {
-            "backbone": (self.backbone in FEATURE_BACKBONES, f"one of {', '.join(FEATURE_BACKBONES)}"),
-            "size": (GRID_STRIDE * 4 <= self.size <= 4096, "between 64 and 4096"),
-            "temperature": (self.temperature > 0, "> 0"),
-            "seed_share": (0 < self.seed_share < 0.5, "in (0, 0.5)"),
-            "bg_prototypes": (self.bg_prototypes >= 1, ">= 1"),
-            "iterations": (self.iterations >= 0, ">= 0"),
-            "sharpness": (self.sharpness > 0, "> 0"),
-            "crf_size": (32 <= self.crf_size <= 4096, "between 32 and 4096"),
-            "crf_iterations": (self.crf_iterations >= 0, ">= 0"),
-            "crf_sxy": (self.crf_sxy > 0, "> 0"),
-            "crf_srgb": (self.crf_srgb > 0, "> 0"),
-            "crf_compat": (self.crf_compat >= 0, ">= 0"),
-            "max_objects": (self.max_objects >= 1, ">= 1"),
-            "min_object_score": (0 <= self.min_object_score <= 1, "in [0, 1]"),
-            "class_prior": (0 <= self.class_prior <= 4, "in [0, 4]"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
-                raise FeaturesError(f"masks.features.{name} must be {expected}, got {getattr(self, name)!r}")
-
-    def crf_params(self) -> CRFParams:
-        return CRFParams(iterations=self.crf_iterations, bilateral_sxy=self.crf_sxy,
-                         bilateral_srgb=self.crf_srgb, bilateral_compat=self.crf_compat)
+    """Weights the ``features`` estimator cannot use (no classifier for ``class_prior``)."""
 
 
 # -- the maths on a feature grid (pure numpy) -----------------------------------------------------------
@@ -347,19 +299,22 @@ class FeatureGrid:
         return grid.numpy().astype(np.float32), classes
 
 
+#: FeatureParams keys not in the estimator's recorded parameters: the weights are recorded as their
+#: file and digest, and ``threads`` is bookkeeping.
+_NOT_RECORDED = ("init", "init_kind", "threads")
+
+
 class FeatureEstimator:
-    """Picklable per-image estimator ``img -> soft map in [0, 1]``; the network loads lazily in
-    each process and runs on ``threads`` threads, so in-process and dask runs give the same maps."""
+    """Picklable per-image estimator ``img -> soft map in [0, 1]``; the network (``weights``, the
+    file ``params.init`` resolves to, read as ``params.init_kind``) loads lazily in each process and
+    runs on ``params.threads`` threads, so in-process and dask runs give the same maps."""
 
     name = "features"
 
-    def __init__(self, params: FeatureParams, weights: str | Path | None, weights_sha256: str | None = None,
-                 init_kind: str = "auto", threads: int = 1) -> None:
+    def __init__(self, params: FeatureParams, weights: str | Path | None, weights_sha256: str | None = None) -> None:
         self.params = params
         self.weights = None if weights is None else str(weights)
         self.weights_sha256 = weights_sha256
-        self.init_kind = init_kind
-        self.threads = threads
         self._grid: FeatureGrid | None = None
         if params.class_prior > 0 and weights is not None:
             load_classifier(params.backbone, weights)  # a file without a classifier fails here, once
@@ -368,7 +323,8 @@ class FeatureEstimator:
         return {**self.__dict__, "_grid": None}
 
     def describe(self) -> dict[str, Any]:
-        return {"estimator": self.name, "estimator_params": asdict(self.params),
+        recorded = {k: v for k, v in asdict(self.params).items() if k not in _NOT_RECORDED}
+        return {"estimator": self.name, "estimator_params": recorded,
                 "weights_file": None if self.weights is None else Path(self.weights).name,
                 "weights_sha256": self.weights_sha256}
 
@@ -377,10 +333,10 @@ class FeatureEstimator:
         import torch
 
         if self._grid is None:
-            self._grid = FeatureGrid(self.params.backbone, self.weights, self.init_kind,
+            self._grid = FeatureGrid(self.params.backbone, self.weights, self.params.init_kind,
                                      classes=self.params.class_prior > 0)
         before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.params.threads)
         try:
             return self._grid(img, self.params.size)
         finally:

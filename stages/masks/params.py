@@ -1,7 +1,8 @@
 """Parameters of the masks stage (``masks`` in ``pipeline.yaml``), declared once: the
 post-processing of every estimator's map (``PostParams``, the keys at the top of ``masks``), the
 object proposals (``ProposalParams``, also keys at the top of ``masks``), the hand-crafted priors
-(``masks.priors``) and the ONNX saliency model (``masks.model``). Keys the configuration gained
+(``masks.priors``), the ONNX saliency model (``masks.model``), the bootstrapped saliency network
+(``masks.bootstrap``) and the features estimator (``masks.features``). Keys the configuration gained
 after artifacts existed are ``since_default``: left out of versions while at their default.
 Torch- and numpy-free, so that reading a configuration stays light.
 """
@@ -12,6 +13,7 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Union
 
+from stages.network.choices import Backbone, FreezePoint, InitKind
 from stages.params import ParamError, check_fields, in_range, opt
 
 
@@ -122,6 +124,100 @@ class OnnxParams:
     def size_hw(self) -> tuple[int, int]:
         s = self.input_size
         return (int(s), int(s)) if isinstance(s, numbers.Integral) else (int(s[0]), int(s[1]))
+
+
+def _multiple_of_32(v: int) -> str | None:
+    return None if v >= 32 and v % 32 == 0 else f"must be a multiple of 32, >= 32, got {v}"
+
+
+@dataclass(frozen=True)
+class BootstrapParams:
+    """Parameters of the bootstrapped saliency network (:func:`stages.masks.bootstrap.fit_bootstrap`).
+
+    Round 1 trains on the hard targets teacher > ``label_threshold``; their foreground share is the
+    fit's. With ``calibrate``, later rounds threshold the refined pseudo-labels at the matching
+    quantile and every round's output is shifted so that the same share exceeds 0.5; without it,
+    targets and predictions shrink round after round. SGD (momentum 0.9, weight decay 1e-4), lr
+    decayed by poly 0.9 within a round. ``freeze`` applies to a pretrained ``init`` only. ``crf``
+    and ``teacher`` are not part of the fit's recorded parameters (the teacher is recorded as
+    itself). ``seed`` seeds the initialisation, batch order and augmentations of each round.
+    """
+
+    backbone: Backbone = opt("mobilenet_v2", doc="saliency network encoder")
+    init: str = opt("random", doc="'random', 'imagenet', 'moco_v2' (resnet50) or a checkpoint path for the encoder")
+    teacher: Literal["priors", "features"] = opt(
+        "priors", since_default=True,
+        doc="first pseudo-labels: the hand-crafted priors or the features estimator (masks.features)")
+    rounds: int = opt(3, doc="pseudo-label refinement rounds", check=in_range(1))
+    epochs_per_round: int = opt(3, doc="training epochs per round", check=in_range(1))
+    input_size: int = opt(224, doc="training/inference size (a multiple of 32)", check=_multiple_of_32)
+    batch_size: int = opt(16, doc="images per step (>= 2 for BatchNorm)", check=in_range(2))
+    lr: float = opt(0.01, doc="SGD learning rate, poly-decayed within a round", check=in_range(0.0, lo_open=True))
+    ema: float = opt(0.7, doc="moving-average weight of the previous pseudo-label in refinement",
+                     check=in_range(0.0, 1.0, hi_open=True))
+    label_threshold: float = opt(0.5, doc="round 1 trains on teacher maps above this; their foreground share is kept",
+                                 check=in_range(0.0, 1.0, lo_open=True, hi_open=True))
+    calibrate: bool = opt(True, doc="keep round 1's foreground share in later rounds' targets and every round's output")
+    iou_weight: float = opt(1.0, doc="weight of the soft-IoU term added to the BCE loss (0: off)", check=in_range(0.0))
+    crop_scale: float = opt(0.5, doc="smallest area share of the random crops", check=in_range(0.0, 1.0, lo_open=True))
+    decoder_channels: int = opt(64, doc="width of the FPN-lite decoder", check=in_range(1))
+    freeze: Literal["none", FreezePoint] = opt(
+        "layer2", doc="with a pretrained init, freeze the encoder up to this stage (ignored with random init)")
+    crf: bool = opt(False, since_default=True,
+                    doc="snap the fitted network's maps to colour edges with the features estimator's dense CRF "
+                        "(not part of the fit)")
+    seed: int = opt(0, doc="seeds the initialisation, batch order and augmentations")
+    num_workers: int = opt(0, doc="processes computing the teacher maps (0: in this process)", check=in_range(0))
+    device: str = opt("auto", doc="'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def _weights_value(v: str) -> str | None:
+    return "must be a weights name, 'random' or a checkpoint path" if not v else None
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """Settings of the ``features`` estimator (:mod:`stages.masks.features`). ``init`` names the
+    weights the pipeline resolves to a file; ``init_kind`` is how that file is read."""
+
+    backbone: Backbone = opt("mobilenet_v2", doc="pretrained encoder whose features are cut")
+    init: str = opt("imagenet", doc="its weights: 'imagenet', 'moco_v2' (resnet50) or a checkpoint path",
+                    check=_weights_value)
+    init_kind: InitKind = opt("auto", doc="checkpoint key layout")
+    size: int = opt(448, doc="long side (px) of the network input (stride-16 grid)", check=in_range(64, 4096))
+    temperature: float = opt(0.1, doc="softmax temperature of the similarity behind the spread cue",
+                             check=in_range(0.0, lo_open=True))
+    seed_share: float = opt(0.03, doc="share of the patches taken as object seeds",
+                            check=in_range(0.0, 0.5, lo_open=True, hi_open=True))
+    bg_prototypes: int = opt(16, doc="k-means centroids of the background seeds", check=in_range(1))
+    iterations: int = opt(2, doc="re-estimations of the object and background sets", check=in_range(0))
+    sharpness: float = opt(0.05, doc="sigmoid scale of (object - background similarity)",
+                           check=in_range(0.0, lo_open=True))
+    crf: bool = opt(True, doc="refine with a two-label dense CRF on the image")
+    crf_size: int = opt(256, doc="long side (px) of the CRF refinement", check=in_range(32, 4096))
+    crf_iterations: int = opt(5, doc="mean-field iterations of the refinement", check=in_range(0))
+    crf_sxy: float = opt(20.0, doc="bilateral kernel width (px at crf_size)", check=in_range(0.0, lo_open=True))
+    crf_srgb: float = opt(10.0, doc="bilateral colour width (0..255)", check=in_range(0.0, lo_open=True))
+    crf_compat: float = opt(5.0, doc="bilateral Potts weight", check=in_range(0.0))
+    max_objects: int = opt(3, doc="objects a repeated cut looks for (several proposals per image)", check=in_range(1))
+    min_object_score: float = opt(0.5, doc="a further object's seed score relative to the first's",
+                                  check=in_range(0.0, 1.0))
+    class_prior: float = opt(0.25, doc="exponent of the ImageNet classifier's class-activation map in the seed score "
+                                       "(0: off; needs weights with a classifier, not MoCo)", check=in_range(0.0, 4.0))
+    threads: int = opt(1, doc="torch threads per worker", check=in_range(1))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def crf_params(self) -> Any:
+        """The refinement's :class:`stages.evaluate.crf.CRFParams`."""
+        from stages.evaluate.crf import CRFParams
+
+        return CRFParams(iterations=self.crf_iterations, bilateral_sxy=self.crf_sxy,
+                         bilateral_srgb=self.crf_srgb, bilateral_compat=self.crf_compat)
 
 
 PROPOSAL_METHODS = ("single", "components", "cuts")

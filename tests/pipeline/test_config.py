@@ -174,6 +174,17 @@ def test_stage_parameters_once_hidden_are_settable(tmp_path):
         load_config(write(tmp_path, "masks: {priors: {mbd_iterations: 0}}\n"))
 
 
+def test_bootstrap_parameters_once_hidden_are_settable(tmp_path):
+    cfg = load_config(write(tmp_path, "masks: {bootstrap: {label_threshold: 0.4, calibrate: false}}\n"),
+                      ["masks.bootstrap.iou_weight=0", "masks.bootstrap.crop_scale=1", "masks.bootstrap.num_workers=2"])
+    b = cfg.masks.bootstrap
+    assert (b.label_threshold, b.calibrate, b.iou_weight, b.crop_scale, b.num_workers) == (0.4, False, 0.0, 1.0, 2)
+    with pytest.raises(ConfigError, match=r"^masks.bootstrap.label_threshold: must be < 1.0, got 1.0 "):
+        load_config(write(tmp_path, "masks: {bootstrap: {label_threshold: 1.0}}\n"))
+    with pytest.raises(ConfigError, match=r"^masks.features.seed_share: must be > 0.0, got 0.0 "):
+        load_config(write(tmp_path, "masks: {features: {seed_share: 0.0}}\n"))
+
+
 def test_the_class_prior_is_refused_with_moco_weights(tmp_path):
     ckpt = tmp_path / "moco.pth"
     ckpt.write_bytes(b"not read: the kind decides")

@@ -103,6 +103,7 @@ def test_planned_versions_are_pinned(config, tmp_path):
 # -- bookkeeping keys: one declaration, read by every place that decides whether work is reused ------
 BOOKKEEPING_SETS = ["train.keep_last=3", "train.num_workers=0", "train.device=auto", "extract.batch_size=1",
                     "extract.num_workers=0", "extract.device=auto", "masks.model.threads=4", "masks.features.threads=4",
+                    "masks.bootstrap.num_workers=3", "masks.bootstrap.device=cpu",
                     "dask.scheduler=tcp://10.0.0.1:8786", "dask.n_workers=1"]
 
 
@@ -113,10 +114,8 @@ def test_every_bookkeeping_key_is_declared_once_and_exists():
 
     keys = {row[0] for row in field_docs(Config)}
     declared = {f"{section}.{name}" for section, names in BOOKKEEPING.items() for name in names}
-    # the masks.bootstrap ones are BootstrapParams fields without a config key (module defaults)
-    config_declared = {k for k in declared if not k.startswith("masks.bootstrap.")}
-    assert config_declared <= keys, config_declared - keys
-    assert {s.partition("=")[0] for s in BOOKKEEPING_SETS} == config_declared  # each is tested below
+    assert declared <= keys, declared - keys
+    assert {s.partition("=")[0] for s in BOOKKEEPING_SETS} == declared  # each is tested below
 
 
 @pytest.mark.parametrize("setting", BOOKKEEPING_SETS)
@@ -184,18 +183,13 @@ def test_clusters_algorithm_version_moves_clusters_alone(tmp_path, monkeypatch):
 def test_bootstrap_bookkeeping_does_not_change_the_mask_version(tmp_path):
     import dataclasses
 
-    from pipeline import stagedefs
     from stages.bookkeeping import BOOKKEEPING
     from stages.masks.bootstrap import BootstrapParams
 
     names = {f.name for f in dataclasses.fields(BootstrapParams)}
     assert BOOKKEEPING["masks.bootstrap"] <= names
-    real = stagedefs._bootstrap_params
-    stagedefs._bootstrap_params = lambda cfg: dataclasses.replace(real(cfg), num_workers=3, device="cpu")
-    try:
-        got = planned_versions("configs/demo.yaml", tmp_path, ("masks.method=bootstrap",))
-    finally:
-        stagedefs._bootstrap_params = real
+    sets = ("masks.method=bootstrap", "masks.bootstrap.num_workers=3", "masks.bootstrap.device=cpu")
+    got = planned_versions("configs/demo.yaml", tmp_path, sets)
     assert got == PINNED["configs/demo.yaml+bootstrap"]
 
 

@@ -29,6 +29,7 @@ from stages.masks.bootstrap import (
     to_u8,
 )
 from stages.masks.priors import PriorParams
+from stages.params import ParamError
 from stages.network.backbones import build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,14 +99,24 @@ def test_fraction_threshold_leaves_the_requested_share_above():
 
 
 def test_params_are_validated():
-    with pytest.raises(BootstrapError, match="input_size must be a multiple of 32"):
+    with pytest.raises(ParamError, match="^input_size: must be a multiple of 32, >= 32, got 100$"):
         BootstrapParams(input_size=100)
-    with pytest.raises(BootstrapError, match=r"ema must be in \[0, 1\)"):
+    with pytest.raises(ParamError, match=r"^ema: must be < 1.0, got 1.0$"):
         BootstrapParams(ema=1.0)
-    with pytest.raises(BootstrapError, match="backbone must be one of"):
+    with pytest.raises(ParamError, match="^backbone: expected one of .*'mobilenet_v2', got 'vgg16'$"):
         BootstrapParams(backbone="vgg16")
-    with pytest.raises(BootstrapError, match="freeze must be 'none' or one of"):
+    with pytest.raises(ParamError, match="^freeze: expected one of 'none', 'stem', .*, got 'layer9'$"):
         BootstrapParams(freeze="layer9")
+    with pytest.raises(ParamError, match=r"^label_threshold: must be < 1.0, got 1.0$"):
+        BootstrapParams(label_threshold=1.0)
+
+
+def test_the_fit_records_the_parameters_it_always_recorded():
+    """fit.json and the checkpoints name a fit by these keys: a work_dir made before stays usable."""
+    recorded = bs._config(TINY, PRIORS)["params"]
+    assert set(recorded) == {"backbone", "init", "rounds", "epochs_per_round", "input_size", "batch_size", "lr",
+                             "ema", "label_threshold", "calibrate", "iou_weight", "crop_scale", "decoder_channels",
+                             "freeze", "seed", "num_workers", "device"}
 
 
 def test_pretrained_init_and_frozen_stages_stay_put(samples, tmp_path):

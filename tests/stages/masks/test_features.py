@@ -119,6 +119,10 @@ def test_estimator_maps_an_image_and_pickles_without_its_network():
     clone = pickle.loads(pickle.dumps(est))
     assert clone._grid is None  # the network is rebuilt lazily in each process
     assert est.describe()["estimator"] == "features"
+    # the weights are recorded as their file and digest, the threads are bookkeeping
+    assert set(est.describe()["estimator_params"]) == {
+        "backbone", "size", "temperature", "seed_share", "bg_prototypes", "iterations", "sharpness", "crf", "crf_size",
+        "crf_iterations", "crf_sxy", "crf_srgb", "crf_compat", "max_objects", "min_object_score", "class_prior"}
 
 
 def test_estimator_is_deterministic_across_instances(mobilenet_weights):
