@@ -73,7 +73,8 @@ def step_throughput(config: Path, store: Path, data: Path, sets: list[str], rows
     from stages.data import DatasetIndex
     from stages.train.checkpoint import build_model
     from stages.train.data import TwoViewDataset
-    from stages.train.loop import build_encoders, model_config, proposal_slots, train_step, view_augment
+    from stages.train.step import build_encoders, model_config, train_step
+    from stages.train.trainer import proposal_slots, view_augment
 
     torch.set_num_threads(2)
     cfg = load_config(config, [f"data.root={data}", *sets])

@@ -4,7 +4,7 @@
                                           [--size 224] [--steps 3] [--threads 0]
                                           [--layouts fast plain] [--speed-only]
 
-A step is ``stages.train.loop.train_step``: query forward + backward, momentum update, key
+A step is ``stages.train.step.train_step``: query forward + backward, momentum update, key
 forward, prototypes, contrastive + balanced BCE loss, SGD step, enqueue; output stride 8, 32-d
 embedding, a full queue of K = 2 x batch, 50 % foreground squares as masks, synthetic uint8
 images (no data loading). Two loss implementations run the same step: ``chunked`` (the library's
@@ -45,15 +45,16 @@ def child(backbone: str, loss: str, layout: str, args: argparse.Namespace) -> di
 
     sys.path.insert(0, str(REPO))
     from stages.network.model import AtrousConv2d
-    from stages.train import loop
+    from stages.train import step as step_module
     from stages.train.checkpoint import build_model
-    from stages.train.loop import TrainParams, build_encoders, model_config, train_step
+    from stages.train.params import TrainParams
+    from stages.train.step import build_encoders, model_config, train_step
     from stages.train.loss import contrastive_loss, contrastive_loss_naive
 
     if layout == "plain":
         AtrousConv2d.forward = torch.nn.Conv2d.forward  # every tap, padding included
-        fast_normalize = loop.normalize_images
-        loop.normalize_images = lambda x: fast_normalize(x).contiguous()  # NCHW
+        fast_normalize = step_module.normalize_images
+        step_module.normalize_images = lambda x: fast_normalize(x).contiguous()  # NCHW
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -33,7 +33,8 @@ from stages.common.prototypes import mask_prototypes
 from stages.network.model import MaskContrastModel
 from stages.network.runtime import normalize_images
 from stages.train.data import TwoViewDataset, ViewAugment
-from stages.train.loop import TrainParams, build_encoders, train_step
+from stages.train.params import TrainParams
+from stages.train.step import build_encoders, train_step
 
 
 def _load(samples) -> tuple[torch.Tensor, np.ndarray]:

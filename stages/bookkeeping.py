@@ -3,7 +3,7 @@ disk use, where it runs) but never what it produces.
 
 Everything that decides whether work can be reused reads this table and nothing else:
 - artifact versions (``pipeline.config.Config.section``, hence every stage's parameters);
-- the parameters a resumed training compares with its checkpoint (``stages.train.loop``);
+- the parameters a resumed training compares with its checkpoint (``stages.train.trainer``);
 - the parameters an extraction records in its shards and compares on resume (``stages.extract``);
 - the README's configuration table, which marks each of these keys.
 

@@ -19,8 +19,8 @@ _HOMES = {
     "ModelFileError": "checkpoint",
     "load_model": "checkpoint",
     "TrainDataError": "data",
-    "TrainingDiverged": "loop",
-    "train": "loop",
+    "TrainingDiverged": "trainer",
+    "train": "trainer",
     "AugmentParams": "params",
     "TrainParams": "params",
 }
@@ -36,7 +36,7 @@ def run(params: Any, inputs: Mapping[str, Any], out_dir: Path, *, samples: Seque
     ``on_progress(done, total, unit)`` per epoch; ``on_record(**fields)`` records the images used."""
     from artifacts.masks import MaskStore
 
-    from .loop import train
+    from .trainer import train
 
     masks = inputs["masks"]
     kept = set(MaskStore(masks.path).ids(kept_only=True))

@@ -198,7 +198,7 @@ def test_stage_parameter_objects_read_the_same_declaration():
 
     from stages.bookkeeping import BOOKKEEPING
     from stages.extract.extract import _VOLATILE, ExtractParams
-    from stages.train.loop import VOLATILE_PARAMS, TrainParams
+    from stages.train.trainer import VOLATILE_PARAMS, TrainParams
 
     assert set(VOLATILE_PARAMS) == BOOKKEEPING["train"] <= {f.name for f in dataclasses.fields(TrainParams)}
     assert set(_VOLATILE) == BOOKKEEPING["extract"] <= {f.name for f in dataclasses.fields(ExtractParams)}

@@ -75,7 +75,7 @@ WORKER = textwrap.dedent("""
     import torch
     sys.path.insert(0, sys.argv[1])
     from stages.data import Sample
-    from stages.train.loop import Trainer, TrainParams
+    from stages.train.trainer import Trainer, TrainParams
 
     spec = json.loads(Path(sys.argv[2]).read_text())
     torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from stages.params import ParamError
 from stages.train import TrainParams, train
 from stages.train.params import ContrastParams
-from stages.train import loop
+from stages.train import step, trainer
 from stages.train.loss import contrastive_loss, contrastive_loss_naive
 from stages.train.neighbours import (
     ColumnRule,
@@ -22,7 +22,7 @@ from stages.train.neighbours import (
     pooled_features,
     select_columns,
 )
-from tests.stages.train.test_loop import TINY, _state, data  # noqa: F401 (fixture)
+from tests.stages.train.test_trainer import TINY, _state, data  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,9 +104,9 @@ def test_rule_rejects_bad_values() -> None:
 
 def test_warmup_keeps_todays_loss_for_its_epochs() -> None:
     p = TrainParams(contrast={"nn_topk": 2, "warmup_epochs": 3})
-    assert [loop.column_rule(p, e) is None for e in (1, 3, 4)] == [True, True, False]
-    assert loop.column_rule(p, 4) == ColumnRule(nn_topk=2, nn_weight=1.0)
-    assert all(loop.column_rule(TrainParams(), e) is None for e in (None, 1, 40))  # defaults: today's loss
+    assert [step.column_rule(p, e) is None for e in (1, 3, 4)] == [True, True, False]
+    assert step.column_rule(p, 4) == ColumnRule(nn_topk=2, nn_weight=1.0)
+    assert all(step.column_rule(TrainParams(), e) is None for e in (None, 1, 40))  # defaults: today's loss
 
 
 # --------------------------------------------------------------------------- the loss
@@ -202,9 +202,9 @@ def test_every_option_off_trains_exactly_todays_weights(data, tmp_path, monkeypa
     train(params, samples, masks, tmp_path / "default", progress=False)
     train(dataclasses.replace(params, contrast=dataclasses.asdict(ContrastParams())), samples, masks,
           tmp_path / "explicit", progress=False)
-    step = loop.train_step
-    monkeypatch.setattr(loop, "train_step", lambda *a, **k: step(*a, **{**k, "rule": None,
-                                                                        "contrastive_fn": contrastive_loss}))
+    real_step = step.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **k: real_step(*a, **{**k, "rule": None,
+                                                                                "contrastive_fn": contrastive_loss}))
     train(params, samples, masks, tmp_path / "today", progress=False)
     weights = [_state(tmp_path / run / "model.pt")["state_dict"] for run in ("default", "explicit", "today")]
     for name in weights[0]:
@@ -314,5 +314,5 @@ def test_the_routes_refuse_proposal_label_maps() -> None:
     labels = torch.ones(2, 8, 8, dtype=torch.uint8)
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="train.contrast needs one mask per image"):
-        loop.train_step(None, images, labels, images, labels, temperature=0.5, key_momentum=0.999,
+        step.train_step(None, images, labels, images, labels, temperature=0.5, key_momentum=0.999,
                         rule=ColumnRule(nn_topk=1, nn_weight=1.0))

@@ -18,7 +18,8 @@ from stages.common.prototypes import mask_prototypes, slot_prototypes
 from stages.data import Sample
 from stages.train import TrainParams, train
 from stages.train.data import NO_PROPOSAL, TwoViewDataset, ViewAugment, keep_proposals, label_map
-from stages.train.loop import proposal_columns, proposal_counts, proposal_slots
+from stages.train.step import proposal_columns, proposal_counts
+from stages.train.trainer import proposal_slots
 from stages.train.loss import (
     PrototypeQueue,
     contrastive_loss,

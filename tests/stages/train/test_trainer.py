@@ -1,5 +1,5 @@
-"""The training loop: schedule, momentum update, init-alone artifact, determinism, exact resume,
-divergence. Runs use resnet18 at 32 px on a handful of synthetic images with square masks."""
+"""The training run: schedule, init-alone artifact, determinism, exact resume, divergence. Runs
+use resnet18 at 32 px on a handful of synthetic images with square masks."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,23 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torch import nn
 
 from artifacts.checkpoints import LOG_FILE, MODEL_FILE, read_jsonl
 from artifacts.masks import MaskRecord, write_mask_shard
-from stages.common.prototypes import mask_prototypes
 from stages.data import Sample
-from stages.network.runtime import normalize_images
 from stages.params import ParamError
 from stages.train import CheckpointError, TrainDataError, TrainingDiverged, TrainParams, load_model, train
-from stages.train import loop
+from stages.train import step, trainer
 from stages.train.checkpoint import build_model
-from stages.train.loop import Encoders, key_prototypes, model_config, poly_lr
 from stages.train.data import ViewAugment
 from stages.train.params import AugmentParams
+from stages.train.step import model_config
+from stages.train.trainer import poly_lr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,37 +91,10 @@ def test_params_are_checked_naming_the_key() -> None:
 
 
 def test_augment_overrides_the_references_view_augmentation() -> None:
-    assert loop.view_augment(TrainParams(crop_size=64)) == ViewAugment(crop_size=64)  # all defaults
+    assert trainer.view_augment(TrainParams(crop_size=64)) == ViewAugment(crop_size=64)  # all defaults
     p = TrainParams(crop_size=64, augment={"crop_scale": [0.5, 1.0], "gray_p": 0.8})
     assert p.augment == AugmentParams(crop_scale=(0.5, 1.0), gray_p=0.8)  # complete
-    assert loop.view_augment(p) == dataclasses.replace(ViewAugment(crop_size=64), scale=(0.5, 1.0), gray_p=0.8)
-
-
-def test_momentum_update_moves_trained_parameters_only() -> None:
-    torch.manual_seed(0)
-    query = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    key = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    query[0].weight.requires_grad_(False)  # frozen: equal in both encoders in practice
-    before = [p.detach().clone() for p in key.parameters()]
-    enc = Encoders(query, query, key, None, torch.optim.SGD(query[1].parameters(), lr=0.1))
-    enc.momentum_update(0.9)
-    for (name, q), k, k0 in zip(query.named_parameters(), key.parameters(), before):
-        expected = k0 if name == "0.weight" else 0.9 * k0 + 0.1 * q.detach()
-        torch.testing.assert_close(k.detach(), expected, rtol=0, atol=1e-7)
-
-
-def test_key_prototypes_in_one_process_are_the_masked_means() -> None:
-    torch.manual_seed(0)
-    key = build_model({**model_config(TINY), "freeze_upto": None}).eval()
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
-    masks[0, 4:20, 4:20] = True
-    masks[1, 10:30, 0:12] = True
-    protos, valid, gathered = key_prototypes(key, images, masks)
-    with torch.no_grad():
-        expected, _ = mask_prototypes(F.normalize(key(normalize_images(images))[0], dim=1), masks)
-    torch.testing.assert_close(protos, expected)
-    assert valid.all() and torch.equal(gathered, protos)
+    assert trainer.view_augment(p) == dataclasses.replace(ViewAugment(crop_size=64), scale=(0.5, 1.0), gray_p=0.8)
 
 
 # --------------------------------------------------------------------------- runs
@@ -225,14 +195,14 @@ def test_a_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(
     samples, masks = data
     samples = samples[:4]
     calls = []
-    real_bce = loop.balanced_bce
+    real_bce = step.balanced_bce
 
     def nan_from_the_second_step(logit, mask):
         calls.append(1)
         loss = real_bce(logit, mask)
         return loss * float("nan") if len(calls) >= 2 else loss
 
-    monkeypatch.setattr(loop, "balanced_bce", nan_from_the_second_step)
+    monkeypatch.setattr(step, "balanced_bce", nan_from_the_second_step)
     with pytest.raises(TrainingDiverged, match=r"non-finite loss .* at epoch 2, step 2; "
                                                r"last good checkpoint: .*checkpoints/epoch-0001\.pt") as info:
         train(TINY, samples, masks, tmp_path, progress=False)

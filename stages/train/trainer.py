@@ -1,22 +1,8 @@
-"""The MaskContrast training stage: query network + momentum key encoder + prototype queue.
+"""The MaskContrast training run: epochs of ``step.train_step`` with checkpoints, resume and logs.
 
-One step (the reference's ``ContrastiveModel.forward`` + ``train``): the query network gives an
-embedding and a saliency logit for view q; under no_grad the key encoder is moved towards the
-query network (momentum m), embeds view k, and each image's prototype is the normalised sum of
-its key embeddings over the key mask; loss = pixel-to-prototype contrastive loss (anchors: query
-foreground pixels; positives: own prototype; negatives: the batch's other prototypes and the
-queue) + balanced BCE of the saliency logit against the query mask. After the optimiser step the
-(all-gathered) prototypes enter the FIFO queue. SGD, poly learning rate per epoch.
-
-Shuffle-BN. The reference (MoCo's ``_batch_shuffle_ddp``) gathers the key images of all GPUs,
-permutes them, gives each GPU a slice of the permutation and undoes it afterwards, so the key
-encoder's BatchNorm statistics mix images of several GPUs. On one GPU that permutation stays
-inside the single batch and changes nothing (BatchNorm statistics are permutation invariant):
-the reference's single-device runs have no shuffle-BN. We do the same: with several processes the
-key batch is shuffled across ranks (prototypes, not embeddings, are gathered back, B x D instead
-of B x D x H x W); in one process there is no shuffle and no emulation by sub-batches, which
-would give the key encoder different (noisier) BatchNorm statistics than the reference trained
-with. The permutation comes from a generator seeded with (seed, step), identical on all ranks.
+SGD with a poly learning rate per epoch; a line per step and per epoch in ``log.jsonl``; a
+checkpoint after every epoch (rank 0, atomically); under several processes a DDP query network,
+sharded batches and shuffle-BN (see :mod:`stages.train.step`).
 
 Determinism. Data augmentation and order are pure functions of (seed, epoch, index) (see
 ``data``), the loader has its own generator, and the RNG states of every rank (dropout draws) are
@@ -27,7 +13,6 @@ algorithm choice), which differs between two uninterrupted runs as well.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import os
@@ -35,13 +20,11 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -54,17 +37,15 @@ from artifacts.checkpoints import (
     latest_checkpoint,
     list_checkpoints,
     prune_checkpoints,
-    read_jsonl,
     truncate_lines,
 )
 from artifacts.masks import MaskStore
 from stages.bookkeeping import BOOKKEEPING
-from stages.common.prototypes import mask_prototypes, slot_prototypes
 from stages.common.weights import resolve_init
 from stages.data import Sample
 from stages.network.init import load_init
-from stages.network.model import DEFAULT_ASPP_RATES, MaskContrastModel
-from stages.network.runtime import amp_name, normalize_images, resolve_amp, resolve_device
+from stages.network.model import MaskContrastModel
+from stages.network.runtime import amp_name, resolve_amp, resolve_device
 from stages.params import to_plain
 
 from . import distributed as D
@@ -88,28 +69,15 @@ from .data import (
     derive_seed,
     make_loader,
 )
-from .loss import PrototypeQueue, balanced_bce, contrastive_loss, proposal_contrastive_loss
-from .neighbours import ColumnRule, contrastive_loss_targets, pooled_features, select_columns
 from .params import AugmentParams, ContrastParams, TrainParams
+from .plot import plot_loss_curve
+from .step import Encoders, build_encoders, column_rule, model_config, train_step
 
-REFERENCE_DROPOUT = 0.5
-FREEZE_UPTO = "layer2"  # conv1, bn1, layer1, layer2: the reference's frozen part
 LR_POWER = 0.9
 # Parameters that do not change the result (``stages.bookkeeping``): a checkpoint written under
 # other values resumes. (``init`` is compared by the file's sha256, not its path.)
 VOLATILE_PARAMS = tuple(sorted(BOOKKEEPING["train"]))
 _TORCH_STREAM, _SHUFFLE_STREAM = 11, 12  # derive_seed stream tags
-
-
-def column_rule(params: TrainParams, epoch: int | None = None) -> ColumnRule | None:
-    """The ``neighbours.ColumnRule`` of ``params.contrast`` in (1-based) ``epoch``; None: today's
-    loss (every option off, or ``epoch`` within the warm-up). Without ``epoch``: the rule after it."""
-    c = params.contrast
-    rule = ColumnRule(fn_threshold=c.fn_threshold, fn_topk=c.fn_topk, nn_topk=c.nn_topk, nn_weight=c.nn_weight,
-                      space=c.space)
-    if not rule.active or (epoch is not None and epoch <= c.warmup_epochs):
-        return None
-    return rule
 
 
 def view_augment(params: TrainParams) -> ViewAugment:
@@ -130,258 +98,15 @@ class TrainingDiverged(RuntimeError):
         super().__init__(f"training diverged: non-finite loss ({values}) at epoch {epoch}, step {step}; "
                          f"{where}. Lower the learning rate, or try amp='off'.")
 
-
-# --------------------------------------------------------------------------- pure helpers
-
-
 def poly_lr(base: float, epoch: int, epochs: int, power: float = LR_POWER) -> float:
     """Learning rate of (1-based) ``epoch``: ``base * (1 - (epoch - 1) / epochs) ** power``,
     the reference's ``adjust_learning_rate`` with its 0-based epoch."""
     return base * (1.0 - (epoch - 1) / epochs) ** power
 
 
-def model_config(params: TrainParams) -> dict[str, Any]:
-    """Everything ``checkpoint.build_model`` needs to rebuild the network of ``params``."""
-    return {
-        "backbone": params.backbone,
-        "output_stride": params.output_stride,
-        "embedding_dim": params.embedding_dim,
-        "aspp_rates": list(DEFAULT_ASPP_RATES[params.output_stride]),
-        "dropout": REFERENCE_DROPOUT,
-        "freeze_upto": FREEZE_UPTO if params.freeze_early else None,
-    }
-
-
 def samples_fingerprint(samples: Sequence[Sample]) -> str:
     """sha256 of the ordered sample ids: a resumed run must see the same list."""
     return hashlib.sha256("\n".join(s.id for s in samples).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------- the step
-
-
-@dataclass
-class Encoders:
-    """What one training step reads and changes.
-
-    ``model``: the query network; ``forward``: what the step calls for the query view (the DDP
-    wrapper of ``model``, or ``model`` itself); ``key``: the momentum encoder (no gradients);
-    ``queue``: the prototype memory (None when K = 0); ``scaler``: GradScaler under fp16.
-    """
-
-    model: MaskContrastModel
-    forward: nn.Module
-    key: MaskContrastModel
-    queue: PrototypeQueue | None
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None = None
-    space_queue: PrototypeQueue | None = None  # key backbone features, row for row with ``queue``
-
-    def __post_init__(self) -> None:
-        pairs = [(q, k) for q, k in zip(self.model.parameters(), self.key.parameters()) if q.requires_grad]
-        self._query_params = [q for q, _ in pairs]
-        self._key_params = [k for _, k in pairs]
-
-    @torch.no_grad()
-    def momentum_update(self, m: float) -> None:
-        """key <- m * key + (1 - m) * query, for the parameters the optimiser trains (frozen ones
-        are equal in both and stay bit-identical)."""
-        if self._key_params:
-            torch._foreach_mul_(self._key_params, m)
-            torch._foreach_add_(self._key_params, self._query_params, alpha=1.0 - m)
-
-
-def build_encoders(model: MaskContrastModel, params: TrainParams, device: torch.device,
-                   amp_dtype: torch.dtype | None = None) -> Encoders:
-    """Query network (moved to ``device``, training mode), its momentum copy as key encoder (no
-    gradients; frozen stages stay frozen, dropout active as in the reference), the queue, SGD over
-    the parameters that require grad, and a GradScaler under fp16."""
-    model.to(device, memory_format=torch.channels_last).train()  # see normalize_images
-    key = copy.deepcopy(model)
-    for parameter in key.parameters():
-        parameter.requires_grad_(False)
-    queue = PrototypeQueue(params.queue_size, params.embedding_dim).to(device) if params.queue_size else None
-    optimizer = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=params.lr,
-                                momentum=params.momentum, weight_decay=params.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    space_queue = None
-    if params.contrast.space == "backbone" and column_rule(params) is not None and params.queue_size:
-        channels = model.decoder[0].convs[0][0].in_channels  # the backbone's output channels
-        space_queue = PrototypeQueue(params.queue_size, channels).to(device)
-    return Encoders(model, model, key, queue, optimizer, scaler, space_queue)
-
-
-@torch.no_grad()
-def key_prototypes(
-    key: MaskContrastModel, k_img: torch.Tensor, k_mask: torch.Tensor,
-    shuffle: torch.Generator | None = None, space: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Prototypes of the key view: ``(local B x D, local valid B, global world*B x D)``.
-
-    With several processes and a ``shuffle`` generator the key batch is shuffled across ranks
-    (shuffle-BN, see the module docstring); the returned prototypes are in the original order.
-    ``k_img``: uint8 B x 3 x H x W (normalised here, after any gathering: 4x fewer bytes sent);
-    ``k_mask``: bool B x H x W. With ``space`` also ``(local B x C, global world*B x C)``: the
-    key backbone's features pooled over the masks (``neighbours.pooled_features``), zero rows for
-    invalid prototypes, in the same order as the prototypes.
-    """
-    grids: list[torch.Tensor] = []
-    hook = key.backbone.register_forward_hook(lambda _m, _i, out: grids.append(out)) if space else None
-    try:
-        found = _key_prototypes(key, k_img, k_mask, shuffle)
-    finally:
-        if hook is not None:
-            hook.remove()
-    if not space:
-        return found[:3]
-    protos, valid, all_protos, masks = found[:4]
-    pooled = pooled_features(grids[0], masks)  # rows of the images this rank embedded
-    if D.is_dist() and shuffle is not None:  # back to the original order, as the prototypes
-        b, rank = k_img.shape[0], D.get_rank()
-        pooled = D.all_gather_tensor(pooled)[found[4]][rank * b: (rank + 1) * b]
-    pooled = pooled * valid[:, None].to(pooled.dtype)  # valid: this rank's images, original order
-    return protos, valid, all_protos, pooled, D.all_gather_tensor(pooled)
-
-
-def _key_prototypes(key, k_img, k_mask, shuffle):
-    """``key_prototypes`` plus the masks in the order the key embedded them (and the unshuffle)."""
-    if not D.is_dist() or shuffle is None:
-        emb = F.normalize(key(normalize_images(k_img))[0].float(), dim=1)  # B x D x H x W
-        protos, valid = mask_prototypes(emb, k_mask)
-        return protos, valid, D.all_gather_tensor(protos), k_mask
-    b, rank = k_img.shape[0], D.get_rank()
-    images = D.all_gather_tensor(k_img)  # world*B x 3 x H x W
-    masks = D.all_gather_tensor(k_mask.to(torch.uint8)).bool()  # gloo cannot gather bool
-    perm = torch.randperm(images.shape[0], generator=shuffle).to(images.device)  # same on every rank
-    mine = perm[rank * b: (rank + 1) * b]
-    emb = F.normalize(key(normalize_images(images[mine]))[0].float(), dim=1)
-    protos, valid = mask_prototypes(emb, masks[mine])
-    unshuffle = torch.argsort(perm)
-    all_protos = D.all_gather_tensor(protos)[unshuffle]  # world*B x D, original order
-    all_valid = D.all_gather_tensor(valid.to(torch.uint8))[unshuffle].bool()
-    return (all_protos[rank * b: (rank + 1) * b], all_valid[rank * b: (rank + 1) * b], all_protos,
-            masks[mine], unshuffle)
-
-
-def proposal_columns(slots: torch.Tensor, slot_valid: torch.Tensor,
-                     counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss's columns from per-slot prototypes: ``(P x D prototypes, valid P, column_of B x L)``.
-
-    ``slots``: B x L x D, ``slot_valid``: B x L, ``counts``: B proposals of each image (slots
-    ``0..counts[b] - 1`` exist). Columns follow (image, slot) order; ``column_of`` is -1 for
-    slots that do not exist."""
-    b, n_slots = slot_valid.shape
-    exists = torch.arange(n_slots, device=counts.device)[None, :] < counts[:, None]  # B x L
-    column_of = torch.where(exists, exists.reshape(-1).long().cumsum(0).view(b, n_slots) - 1,
-                            torch.full_like(exists, -1, dtype=torch.long))
-    return slots[exists], slot_valid[exists], column_of
-
-
-def proposal_counts(labels: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """B: proposals per image of label maps numbered 1..n (labels above ``n_slots`` are none)."""
-    lab = labels.reshape(labels.shape[0], -1).long()
-    return torch.where(lab <= n_slots, lab, torch.zeros_like(lab)).amax(1)
-
-
-@torch.no_grad()
-def key_proposal_prototypes(
-    key: MaskContrastModel, k_img: torch.Tensor, k_labels: torch.Tensor, n_slots: int,
-    shuffle: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`key_prototypes` with several proposals per image: ``(local P x D, local valid P,
-    column_of B x L, global P_all x D)``, one prototype per proposal of the key view's label map
-    ``k_labels`` (uint8 B x H x W, 1..n per image, see ``data``). Ranks exchange fixed-size
-    B x ``n_slots`` slot tensors, so their proposal counts may differ."""
-    counts = proposal_counts(k_labels, n_slots)  # B
-    if not D.is_dist() or shuffle is None:
-        emb = F.normalize(key(normalize_images(k_img))[0].float(), dim=1)  # B x D x H x W
-        slots, slot_valid = slot_prototypes(emb, k_labels, n_slots)  # B x L x D, B x L
-        all_slots, all_valid = D.all_gather_tensor(slots), D.all_gather_tensor(slot_valid.to(torch.uint8)).bool()
-    else:
-        b, rank = k_img.shape[0], D.get_rank()
-        images = D.all_gather_tensor(k_img)
-        labels = D.all_gather_tensor(k_labels)
-        perm = torch.randperm(images.shape[0], generator=shuffle).to(images.device)
-        mine = perm[rank * b: (rank + 1) * b]
-        emb = F.normalize(key(normalize_images(images[mine]))[0].float(), dim=1)
-        slots, slot_valid = slot_prototypes(emb, labels[mine], n_slots)
-        unshuffle = torch.argsort(perm)
-        all_slots = D.all_gather_tensor(slots)[unshuffle]
-        all_valid = D.all_gather_tensor(slot_valid.to(torch.uint8))[unshuffle].bool()
-        slots, slot_valid = all_slots[rank * b: (rank + 1) * b], all_valid[rank * b: (rank + 1) * b]
-    all_counts = D.all_gather_tensor(counts)
-    protos, valid, column_of = proposal_columns(slots, slot_valid, counts)
-    all_protos, _, _ = proposal_columns(all_slots, all_valid, all_counts)
-    return protos, valid, column_of, all_protos
-
-
-def train_step(
-    enc: Encoders, q_img: torch.Tensor, q_mask: torch.Tensor, k_img: torch.Tensor, k_mask: torch.Tensor,
-    *, temperature: float, key_momentum: float, amp_dtype: torch.dtype | None = None,
-    shuffle: torch.Generator | None = None, contrastive_fn: Callable[..., torch.Tensor] = contrastive_loss,
-    n_slots: int = 1, rule: ColumnRule | None = None,
-) -> torch.Tensor:
-    """One optimisation step on a batch; returns detached float32 ``[loss, contrastive, saliency]``.
-
-    ``q_img``/``k_img``: uint8 B x 3 x H x W on the model's device; ``q_mask``/``k_mask``: bool
-    B x H x W (one mask per image, the loss ``contrastive_fn``), or uint8 label maps of up to
-    ``n_slots`` proposals per image (``data``; :func:`proposal_contrastive_loss`, one prototype
-    per proposal, the saliency target their union with the foreground of no proposal). The queue
-    is read before and written after the optimiser step; with proposals it takes all of the
-    step's proposals (``PrototypeQueue.enqueue(any_count=True)``). ``rule`` (not None, one mask
-    per image): the columns and positives of each image's anchors (``neighbours``) instead of
-    ``contrastive_fn``.
-    """
-    proposals = q_mask.dtype != torch.bool
-    if proposals and (rule is not None or enc.space_queue is not None):
-        raise ValueError("train.contrast needs one mask per image; it is not implemented for proposals")
-    q_in = normalize_images(q_img)
-    device_type = q_in.device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        q_emb, q_sal = enc.forward(q_in)  # B x D x H x W, B x 1 x H x W
-        with torch.no_grad():
-            enc.momentum_update(key_momentum)
-            if proposals:
-                protos, valid, column_of, all_protos = key_proposal_prototypes(enc.key, k_img, k_mask, n_slots,
-                                                                               shuffle)
-            else:
-                space = (rule is not None and rule.space == "backbone") or enc.space_queue is not None
-                protos, valid, all_protos, *pooled = key_prototypes(enc.key, k_img, k_mask, shuffle, space=space)
-        if enc.queue is not None:
-            negatives = enc.queue.negatives()  # filled x D
-        else:
-            negatives = protos.new_zeros((0, protos.shape[1]))
-        if proposals:
-            loss_c = proposal_contrastive_loss(q_emb, q_mask, column_of, protos, negatives, temperature, valid)
-            loss_s = balanced_bce(q_sal, q_mask > 0)
-        elif rule is None:
-            loss_c = contrastive_fn(q_emb, q_mask, protos, negatives, temperature, valid)
-            loss_s = balanced_bce(q_sal, q_mask)
-        else:
-            memory = None
-            if rule.space == "backbone":
-                memory = (pooled[0], enc.space_queue.negatives() if enc.space_queue is not None
-                          else pooled[0].new_zeros((0, pooled[0].shape[1])))
-            keep, targets = select_columns(protos, negatives, rule, space=memory)
-            loss_c = contrastive_loss_targets(q_emb, q_mask, protos, negatives, temperature, keep, targets, valid)
-            loss_s = balanced_bce(q_sal, q_mask)
-    loss = loss_c.float() + loss_s.float()
-    enc.optimizer.zero_grad(set_to_none=True)
-    if enc.scaler is not None:
-        enc.scaler.scale(loss).backward()
-        enc.scaler.step(enc.optimizer)
-        enc.scaler.update()
-    else:
-        loss.backward()
-        enc.optimizer.step()
-    if enc.queue is not None:
-        enc.queue.enqueue(all_protos, any_count=proposals)
-    if enc.space_queue is not None:  # also during a warm-up: row for row with the prototype queue
-        enc.space_queue.enqueue(pooled[1])
-    return torch.stack([loss.detach(), loss_c.detach().float(), loss_s.detach().float()])
-
-
-# --------------------------------------------------------------------------- the run
 
 
 def proposal_slots(store: MaskStore) -> int | None:
@@ -724,35 +449,3 @@ def train(params: TrainParams, samples: Sequence[Sample], mask_dir: str | os.Pat
     """
     return Trainer(params, samples, mask_dir, out_dir, progress=progress, on_epoch=on_epoch,
                    max_steps=max_steps).run()
-
-
-def plot_loss_curve(log_path: Path, png_path: Path) -> Path | None:
-    """Plot per-step losses (thin) and per-epoch means (markers) from ``log.jsonl`` into a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from artifacts.atomic import atomic_path
-
-    records = read_jsonl(log_path)
-    steps = [r for r in records if r.get("type") == "step"]
-    epochs = [r for r in records if r.get("type") == "epoch"]
-    if not steps:
-        return None
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    x = [r["step"] for r in steps]
-    steps_at_epoch = {r["epoch"]: r["step"] for r in steps}
-    for name, colour in (("loss", "black"), ("loss_contrastive", "tab:blue"), ("loss_saliency", "tab:orange")):
-        ax.plot(x, [r[name] for r in steps], color=colour, alpha=0.35, linewidth=0.8)
-        ax.plot([steps_at_epoch[r["epoch"]] for r in epochs], [r[name] for r in epochs], "o-",
-                color=colour, markersize=3, label=f"{name} (epoch mean)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("MaskContrast training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(png_path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return png_path
