@@ -35,6 +35,16 @@ def _make_box_dataset(root: Path, classes: Sequence[str], splits: Mapping[str, i
 
 
 @pytest.fixture
+def no_pictures(monkeypatch):
+    """Skip the per-protocol pictures (matplotlib drawing is most of a job's time here; the
+    pictures are tested with the protocols and in tests/stages/evaluate/test_batch.py)."""
+    from stages.evaluate.protocols import kmeans, linear, pixel_kmeans, retrieval
+
+    for runner in (kmeans, pixel_kmeans, retrieval, linear):
+        monkeypatch.setattr(runner, "protocol_figures", lambda *args, **kwargs: {})
+
+
+@pytest.fixture
 def make_box_dataset() -> BoxDatasetMaker:
     """The writer of the tiny box dataset: ``make_box_dataset(root, classes, {split: n})``."""
     return _make_box_dataset

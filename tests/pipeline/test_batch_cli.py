@@ -52,15 +52,6 @@ def project(tmp_path, monkeypatch, make_box_dataset):
     return tmp_path, labels
 
 
-@pytest.fixture
-def no_pictures(monkeypatch):
-    """Skip the per-protocol pictures (matplotlib drawing is most of a job's time here; the
-    pictures are tested with the protocols and in tests/stages/evaluate/test_batch.py)."""
-    import stages.evaluate.protocols as protocols
-
-    monkeypatch.setattr(protocols, "_figures", lambda *args, **kwargs: {})
-
-
 def add_model(project, name: str, swap: dict[str, int] | None = None, splits=("val", "train"),
               overrides: tuple[str, ...] = ()) -> str:
     """A complete train artifact (no network: the batch never opens it) and, at the extract
@@ -254,12 +245,10 @@ def _tail(path: Path, n: int = 2000) -> str:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_batch_through_external_scheduler_equals_local_run(project, tmp_path, monkeypatch):
+def test_batch_through_external_scheduler_equals_local_run(project, no_pictures, tmp_path):
     """`dask scheduler` + two `dask worker` processes on loopback: 2 models x 2 K-means seeds
     through --scheduler give the table of the in-process run, and every job ran on a worker."""
     from distributed import Client
-
-    import stages.evaluate.protocols as protocols
 
     kmeans_only = ("evaluate.protocols=[kmeans]",)  # extract then holds the val split alone
     models = [add_model(project, "good", splits=("val",), overrides=kmeans_only),
@@ -287,9 +276,7 @@ def test_batch_through_external_scheduler_equals_local_run(project, tmp_path, mo
         workers = [start(f"worker{i}", _dask_cli("worker") + [
             address, "--host", "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", f"w{i}",
             "--local-directory", str(tmp_path / f"w{i}")]) for i in range(2)]
-        with monkeypatch.context() as m:  # the local run while the cluster starts (its pictures are not compared)
-            m.setattr(protocols, "_figures", lambda *a, **k: {})
-            r = invoke(*args)
+        r = invoke(*args)  # the local run while the cluster starts (its pictures are not compared)
         assert r.exit_code == 0, r.output
         out, local = _table(r.output)
         try:

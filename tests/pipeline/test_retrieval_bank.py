@@ -35,9 +35,8 @@ dask: {scheduler: synchronous}
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, make_box_dataset):
+def project(tmp_path, monkeypatch, make_box_dataset, no_pictures):
     """The dataset, the config, and a stand-in extract; returns (project dir, extracted splits)."""
-    import stages.evaluate.protocols as protocols
     import stages.extract.extract as extract_stage
     import stages.train
 
@@ -60,7 +59,6 @@ def project(tmp_path, monkeypatch, make_box_dataset):
 
     monkeypatch.setattr(stages.train, "load_model", lambda path: (None, {}))
     monkeypatch.setattr(extract_stage, "extract", fake_extract)
-    monkeypatch.setattr(protocols, "_figures", lambda *args, **kwargs: {})  # pictures are tested elsewhere
     return tmp_path, extracted
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 from artifacts.embeddings import EmbeddingRecord, EmbeddingStore, ProposalEmbedding, shard_name, write_embedding_shard
 from stages.data import DatasetIndex
 from stages.evaluate.metrics import SalientClassCounts, confusion_matrix, segmentation_scores
-from stages.evaluate.protocols import _paint, class_counts, colour_descriptors, run_kmeans, run_retrieval
+from stages.evaluate.protocols import class_counts, colour_descriptors, run_kmeans, run_retrieval
+from stages.evaluate.protocols.counts import paint
 
 CLASSES = ["background", "alpha", "beta", "gamma"]
 N_CLS, D = len(CLASSES), 8
@@ -108,7 +109,7 @@ def test_painting_follows_the_regions(pairs):
     sc = class_counts(store, pairs.dataset, val, progress=False)
     values = np.arange(len(sc.counts)) + 1
     for n, id_ in enumerate(val[:3]):
-        painted = _paint(store, sc, id_, values)
+        painted = paint(store, sc, id_, values)
         (left, _), (right, _) = pairs.objects[id_]
         assert (painted[left] == 2 * n + 1).all() and (painted[right] == 2 * n + 2).all()
         assert (painted[~(left | right)] == 0).all()

@@ -315,7 +315,7 @@ def test_linear_probe_streamed_equals_cached(data, tmp_path, monkeypatch):
     kw = dict(epochs=3, lr=0.1, lr_drop_epoch=2, batch_size=4, seed=3, device="cpu", progress=False, figures=False)
     cached = run_linear(data.stores["train"], data.stores["val"], data.dataset, data.ids("train"), data.ids("val"),
                         tmp_path / "a", **kw)
-    monkeypatch.setattr(protocols, "LINEAR_CACHE_BYTES", 0)
+    monkeypatch.setattr(protocols.linear, "LINEAR_CACHE_BYTES", 0)
     reads = []
     original = EmbeddingStore.features
     monkeypatch.setattr(EmbeddingStore, "features", lambda self, id_: reads.append(id_) or original(self, id_))
