@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-import stages.masks.bootstrap as bs
 from stages.data import Sample
 from stages.masks.bootstrap import (
     BootstrapError,
@@ -28,6 +27,13 @@ from stages.masks.bootstrap import (
     round_labels,
     to_u8,
 )
+from stages.masks.bootstrap import estimator as bs_estimator
+from stages.masks.bootstrap import fit as bs_fit
+from stages.masks.bootstrap import maps as bs_maps
+from stages.masks.bootstrap import net as bs_net
+from stages.masks.bootstrap import teacher as bs_teacher
+from stages.masks.bootstrap import workdir as bs_workdir
+from stages.masks.features import crf_refine
 from stages.masks.priors import PriorParams
 from stages.params import ParamError
 from stages.network.backbones import build_backbone
@@ -113,7 +119,7 @@ def test_params_are_validated():
 
 def test_the_fit_records_the_parameters_it_always_recorded():
     """fit.json and the checkpoints name a fit by these keys: a work_dir made before stays usable."""
-    recorded = bs._config(TINY, PRIORS)["params"]
+    recorded = bs_fit._config(TINY, PRIORS)["params"]
     assert set(recorded) == {"backbone", "init", "rounds", "epochs_per_round", "input_size", "batch_size", "lr",
                              "ema", "label_threshold", "calibrate", "iou_weight", "crop_scale", "decoder_channels",
                              "freeze", "seed", "num_workers", "device"}
@@ -153,7 +159,7 @@ def test_fit_gives_a_checkpoint_and_a_map_of_the_image_size(samples, fitted, mon
     assert d["estimator"] == "bootstrap" and len(d["checkpoint_sha256"]) == 64
     assert d["estimator_params"]["input_size"] == 32 and d["estimator_params"]["round"] == 2
     # a second call finds the final checkpoint and does nothing
-    monkeypatch.setattr(bs, "_prepare_data", None)
+    monkeypatch.setattr(bs_fit, "prepare_data", None)
     assert fit_bootstrap(samples, PRIORS, TWO_ROUNDS, fitted, progress=False) == ckpt
 
 
@@ -179,10 +185,10 @@ def test_resume_skips_finished_rounds_and_matches_an_uninterrupted_fit(samples, 
     shutil.copytree(fitted, work)
     round_checkpoint(work, 2).unlink()  # as if interrupted during round 2
     trained, prepared = [], []
-    original_train, original_prepare = bs._train_round, bs._prepare_one
-    monkeypatch.setattr(bs, "_train_round", lambda net, imgs, labels, level, p, r, *a: trained.append(r) or original_train(
-        net, imgs, labels, level, p, r, *a))
-    monkeypatch.setattr(bs, "_prepare_one", lambda task: prepared.append(task) or original_prepare(task))
+    original_train, original_prepare = bs_fit._train_round, bs_teacher._prepare_one
+    monkeypatch.setattr(bs_fit, "_train_round", lambda net, imgs, labels, level, p, r, *a: trained.append(r)
+                        or original_train(net, imgs, labels, level, p, r, *a))
+    monkeypatch.setattr(bs_teacher, "_prepare_one", lambda task: prepared.append(task) or original_prepare(task))
     resumed = fit_bootstrap(samples, PRIORS, TWO_ROUNDS, work, progress=False)
     assert trained == [2]  # round 1 was not retrained
     assert prepared == []  # the prior maps came from the cache
@@ -200,8 +206,8 @@ def test_round_labels_are_the_moving_average_of_priors_and_predictions(samples, 
     # priors' foreground share exceeds 0.5, then 0.6 prior + 0.4 prediction
     est = BootstrapEstimator(round_checkpoint(fitted, 1))
     net = est._load()
-    images = np.stack([bs.resize_square(np.asarray(Image.open(s.image)), 32) for s in samples])
-    x = bs._normalise(torch.from_numpy(images))
+    images = np.stack([bs_maps.resize_square(np.asarray(Image.open(s.image)), 32) for s in samples])
+    x = bs_net.normalise(torch.from_numpy(images))
     with torch.no_grad():
         pred = 0.5 * (torch.sigmoid(net(x)) + torch.sigmoid(net(x.flip(-1))).flip(-1))[:, 0].numpy()
     fg = np.mean(priors > 127.5)
@@ -219,7 +225,7 @@ def test_unreadable_images_are_skipped_and_reported(samples, tmp_path):
     bad.write_bytes(b"not a png")
     work = tmp_path / "work"
     fit_bootstrap([*samples, Sample("broken", bad, None)], PRIORS, TINY, work, progress=False)
-    skipped = (work / bs.SKIPPED_FILE).read_text()
+    skipped = (work / bs_workdir.SKIPPED_FILE).read_text()
     assert "broken" in skipped and "not an image file" in skipped
 
 
@@ -247,15 +253,15 @@ def test_a_teacher_estimator_gives_the_first_pseudo_labels(samples, tmp_path):
     with np.load(cache) as z:
         maps = z["maps"]
     img = np.asarray(Image.open(samples[0].image))
-    assert np.array_equal(maps[0], to_u8(bs.resize_square(BrightTeacher()(img), 32)))
-    config = json.loads((work / bs.FIT_FILE).read_text())
+    assert np.array_equal(maps[0], to_u8(bs_maps.resize_square(BrightTeacher()(img), 32)))
+    config = json.loads((work / bs_workdir.FIT_FILE).read_text())
     assert config["prior_params"] == {"teacher": {"estimator": "bright"}}
     with pytest.raises(BootstrapError, match="other parameters"):  # the same work_dir with the priors
         fit_bootstrap(samples, PRIORS, TINY, work, progress=False)
 
 
 def test_the_priors_teacher_keeps_its_cache_name_and_fit_file():
-    assert bs.teacher_config(PRIORS) == dataclasses.asdict(PRIORS)  # fits made before teachers existed resume
+    assert bs_teacher.teacher_config(PRIORS) == dataclasses.asdict(PRIORS)  # fits made before teachers existed resume
 
 
 def test_crf_option_snaps_the_map_to_the_images_edges_and_travels_in_the_pickle(samples, fitted):
@@ -265,7 +271,7 @@ def test_crf_option_snaps_the_map_to_the_images_edges_and_travels_in_the_pickle(
     a, b = plain(img), snapped(img)
     assert b.shape == a.shape and b.dtype == np.float32 and 0.0 <= b.min() and b.max() <= 1.0
     assert not np.allclose(a, b)
-    np.testing.assert_allclose(b, bs.crf_refine(img, _network_map(plain, img), bs.BOOTSTRAP_CRF, 256), atol=1e-6)
+    np.testing.assert_allclose(b, crf_refine(img, _network_map(plain, img), bs_estimator.BOOTSTRAP_CRF, 256), atol=1e-6)
     assert snapped.describe()["estimator_params"]["crf"] is True and "crf" not in plain.describe()["estimator_params"]
     clone = pickle.loads(pickle.dumps(snapped))
     np.testing.assert_array_equal(clone(img), b)
@@ -274,8 +280,8 @@ def test_crf_option_snaps_the_map_to_the_images_edges_and_travels_in_the_pickle(
 def _network_map(est: BootstrapEstimator, img: np.ndarray) -> np.ndarray:
     """The calibrated S x S map the estimator resizes (or refines) to the image."""
     net = est._load()
-    x = bs._normalise(torch.from_numpy(bs.resize_square(img, est._ckpt["input_size"])[None]))
-    return bs.calibrate(bs.predict_tta(net, x.contiguous(memory_format=torch.channels_last))[0].numpy(),
+    x = bs_net.normalise(torch.from_numpy(bs_maps.resize_square(img, est._ckpt["input_size"])[None]))
+    return calibrate(bs_net.predict_tta(net, x.contiguous(memory_format=torch.channels_last))[0].numpy(),
                         est._ckpt["threshold"])
 
 
