@@ -189,13 +189,14 @@ def train_linear_probe(
 
     train_iter_fn(epoch) yields the epoch's samples (features (C, h, w), label (H, W)) in the
     order to train on: shuffle there, e.g. with np.random.default_rng((seed, epoch)).permutation.
-    Consecutive samples form batches of `batch_size` (the last may be smaller). SGD with
+    Consecutive samples form batches of `batch_size` (>= 1, checked by the ``evaluate.linear``
+    parameters; the last may be smaller). SGD with
     momentum and weight decay; lr drops by lr_drop_factor from epoch index lr_drop_epoch on
     (0-based). With val_iter_fn, val mIoU is computed after every epoch and the best epoch's
     weights are kept beside the last. on_epoch_end receives each EpochLog (for logging).
     """
-    if epochs < 1 or batch_size < 1:
-        raise LinearProbeError(f"train_linear_probe: epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if epochs < 1:
+        raise LinearProbeError(f"train_linear_probe: epochs must be >= 1, got {epochs}")
     device = torch.device(device)
     head = make_linear_head(in_dim, n_cls, seed).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -65,6 +65,15 @@ def test_config_error_is_one_line_exit_2(project):
     assert "train.epochs: must be >= 0" in r.output and "Traceback" not in r.output
 
 
+def test_a_bad_linear_batch_size_is_one_error_naming_the_key(project):
+    """Checked once, by the evaluate.linear parameters: before any work, exit 2, one message."""
+    r = invoke("--set", "evaluate.linear.batch_size=0", "status")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.count("batch_size") == 2  # the key and the --set option that set it, once each
+    assert "evaluate.linear.batch_size: must be >= 1, got 0 (in pipeline.yaml (with --set evaluate.linear.batch_size=0))" \
+        in r.output
+
+
 def test_missing_dataset_is_usage_error(project):
     r = invoke("--set", "data.root=nowhere", "masks")
     assert r.exit_code == 2 and "data.root: dataset folder does not exist" in r.output

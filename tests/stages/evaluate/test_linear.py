@@ -17,6 +17,8 @@ from stages.evaluate.linear import (
     upsampled_logits,
 )
 from stages.evaluate.metrics import miou
+from stages.evaluate.params import LinearParams
+from stages.params import ParamError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,6 +97,11 @@ def test_linear_probe_separable_near_perfect(rng):
     assert metrics["miou"] == result.last_val_miou and metrics["seeds"] == [0]
     assert np.mean(metrics["per_class_iou"]) == pytest.approx(result.last_val_miou)
     assert metrics["miou_best_on_val"] == result.best_val_miou
+
+
+def test_the_batch_size_is_checked_by_the_parameters():
+    with pytest.raises(ParamError, match=r"^batch_size: must be >= 1, got 0$"):
+        LinearParams(batch_size=0)
 
 
 def test_linear_probe_errors(rng):
