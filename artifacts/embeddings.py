@@ -546,6 +546,15 @@ class EmbeddingStore(ShardStore[EmbeddingShardReader]):
         return (self.ids(), np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 np.concatenate([p[2] for p in parts]))
 
+    def proposal_counts(self) -> np.ndarray:
+        """int64 (N,) in store order: how many proposals each image stores, from the index arrays
+        only (an image of a version-1 shard: 1, its salient region). Tells an image without any
+        proposal (0; :meth:`regions` gives it one empty, invalid region) from one whose single
+        proposal is invalid."""
+        parts = [np.diff(r.index.proposal_rows) if r.index.has_proposals else np.ones(len(r), np.int64)
+                 for r in self._readers if len(r)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def read_regions(self, id: str) -> list[ProposalEmbedding]:
         """The regions of image ``id`` with their masks (:meth:`EmbeddingShardReader.read_regions`)."""
         reader, row = self._locate(id)

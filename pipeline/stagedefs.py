@@ -302,6 +302,10 @@ def _clusters_params(ctx: Context) -> Mapping[str, Any]:
                               "pca_dim": c.pca_dim, "n_init": c.n_init, "seed": c.seed, "sheet_size": c.sheet_size}
     if c.k == "auto":
         params["k_range"] = [2, c.k_max]
+    if ctx.cfg.masks.proposals != "single":
+        # the embeddings hold proposals, clustered one by one (a clusters artifact made when they
+        # were clustered per image is not reused); left out for single: its versions are kept
+        params["regions"] = "proposals"
     names = _cluster_names(ctx)
     if names:  # the names' content, not the file's path, determines the pictures
         params["names"] = {str(k): v for k, v in sorted(names.items())}

@@ -292,6 +292,7 @@ def test_proposals_round_trip_and_version_1_reads_as_one_region(tmp_path):
     ids, counts, protos, valid = store.regions()
     assert counts.tolist() == [2, 1, 1] and valid.tolist() == [True, False, False, True]
     assert not store.read_regions("i1")[0].mask.any()  # no proposal: one empty region
+    assert store.proposal_counts().tolist() == [2, 0, 1]  # ... told apart from one invalid proposal
     # version 1: one region per image, its salient mask and prototype
     write_embedding_shard(tmp_path / "v1" / "emb-00000.h5", [EmbeddingRecord(r.id, r.mask, r.prototype, True)
                                                              for r in records])
@@ -299,6 +300,7 @@ def test_proposals_round_trip_and_version_1_reads_as_one_region(tmp_path):
     assert not plain.has_proposals and plain.get("i0", proposals=True).proposals is None
     _, counts, protos, _ = plain.regions()
     assert counts.tolist() == [1, 1, 1] and np.array_equal(protos, plain.prototypes()[1])
+    assert plain.proposal_counts().tolist() == [1, 1, 1]
     [region] = plain.read_regions("i2")
     np.testing.assert_array_equal(region.mask, masks[2])
     with pytest.raises(ValueError, match="all or none must"):

@@ -103,3 +103,18 @@ def test_segment_writes_several_regions(chain):
     [report] = Store(root / "store").list("evaluate")
     model = json.loads((report.path / "kmeans_model.json").read_text())
     assert model["extract"]["proposals"]["proposals"] == "components"  # segment splits the head's mask alike
+
+
+def test_clusters_label_each_proposal(chain):
+    """The label-free stage on the proposals' embeddings: one assignment row per proposal, a new
+    clusters version (not the per-image one), and `segment --clusters` reads its model file."""
+    root, runs = chain
+    r = invoke(*runs["masks"], "--set", "clusters.k=3", "-q", "run", "--to", "clusters")
+    assert r.exit_code == 0, r.output
+    [clusters] = Store(root / "store").list("clusters")
+    assert clusters.manifest["params"]["regions"] == "proposals"
+    summary = clusters.manifest["summary"]
+    assert summary["regions"] == "proposals" and summary["n_regions"] >= summary["n_images"]
+    lines = (clusters.path / "assignments.csv").read_text().splitlines()
+    assert lines[0].startswith("id,proposal,cluster,") and len(lines) == 1 + summary["n_regions"]
+    assert len(list((clusters.path / "segmentations").glob("*_overlay.png"))) == summary["n_segmentations"]

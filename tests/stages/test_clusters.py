@@ -176,3 +176,121 @@ def test_too_few_images(tmp_path):
     store, samples, _ = _store(tmp_path, n=3)
     with pytest.raises(ClustersError, match="5 clusters need at least 5 images with a salient region; there are 2"):
         make_clusters(store, samples, tmp_path / "out", ClusterParams(k=5), progress=False)
+
+
+# ----------------------------------------------------------------------------- several proposals per image
+
+
+def _proposal_store(tmp_path: Path, n: int = 24, d: int = 8, seed: int = 0):
+    """n images of two proposals each (a left and a right box) as files and as one version-2
+    embedding shard: proposal 0 of image i from planted group i % 3, proposal 1 from (i + 1) % 3, so
+    an image's two proposals belong to different clusters; image 0 has no proposal at all and
+    image 1's second proposal is invalid (a zero prototype)."""
+    from artifacts.embeddings import ProposalEmbedding
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(GROUPS, d))
+    samples, records, groups = [], [], []
+    h, w = 20, 30
+    boxes = [(slice(4, 14), slice(2, 12)), (slice(6, 16), slice(16, 28))]
+
+    def planted(g):
+        p = centres[g] + 0.05 * rng.normal(size=d)
+        return (p / np.linalg.norm(p)).astype(np.float32)
+
+    for i in range(n):
+        image = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+        masks = []
+        for box in boxes:
+            m = np.zeros((h, w), bool)
+            m[box] = True
+            masks.append(m)
+            image[m] = 200
+        path = tmp_path / "photos" / f"im{i:02d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+        samples.append(Sample(f"im{i:02d}", path, None))
+        if i == 0:
+            proposals, union = [], np.zeros((h, w), bool)
+        else:
+            gs = [i % GROUPS, (i + 1) % GROUPS]
+            proposals = [ProposalEmbedding(m, planted(g), True) for m, g in zip(masks, gs)]
+            if i == 1:
+                proposals[1] = ProposalEmbedding(masks[1], np.zeros(d, np.float32), False)
+                gs[1] = -1
+            groups += gs
+            union = masks[0] | masks[1]
+        proto = planted(i % GROUPS) if union.any() else np.zeros(d, np.float32)
+        records.append(EmbeddingRecord(f"im{i:02d}", union, proto, valid=bool(union.any()), proposals=proposals))
+    store = tmp_path / "extract" / "all"
+    store.mkdir(parents=True)
+    write_embedding_shard(store / "emb-00000.h5", records, attrs={
+        "extract": {"input_size": 64, "interpolation": "bilinear", "embedding": "head",
+                    "proposals": {"proposals": "components", "max_proposals": 3, "min_proposal": 0.01}}})
+    return store, samples, np.array(groups), boxes
+
+
+def test_every_proposal_gets_its_cluster_row_and_pixels(tmp_path):
+    store, samples, groups, boxes = _proposal_store(tmp_path)
+    out = tmp_path / "clusters"
+    summary = make_clusters(store, samples, out, ClusterParams(k=GROUPS, pca_dim=2, n_init=3, seed=3),
+                            progress=False)
+    assert summary["regions"] == "proposals" and summary["n_images"] == 24
+    assert summary["n_regions"] == 1 + 23 * 2 and summary["n_valid"] == 23 * 2 - 1
+    assert sum(summary["cluster_sizes"]) == summary["n_valid"]
+
+    rows = list(csv.DictReader((out / "assignments.csv").open()))
+    assert list(rows[0]) == ["id", "proposal", "cluster", "name", "distance", "valid", "salient_fraction"]
+    assert [(r["id"], r["proposal"]) for r in rows] == [("im00", "-1")] + [
+        (f"im{i:02d}", str(k)) for i in range(1, 24) for k in (0, 1)]
+    assert (rows[0]["cluster"], rows[0]["valid"]) == ("-1", "0")  # an image without any proposal
+    assert (rows[2]["id"], rows[2]["cluster"], rows[2]["valid"], rows[2]["name"]) == ("im01", "-1", "0", "")
+    cluster = np.array([int(r["cluster"]) for r in rows[1:]])
+    assert len(set(cluster[groups >= 0])) == GROUPS
+    for g in range(GROUPS):  # each planted group is one cluster, whichever side its proposals are on
+        assert len(set(cluster[groups == g])) == 1
+    assert float(rows[1]["salient_fraction"]) == pytest.approx(100 / 600, abs=1e-6)  # the proposal's share of its image
+    assert float(rows[4]["salient_fraction"]) == pytest.approx(120 / 600, abs=1e-6)
+
+    # the segmentation paints each proposal with its own cluster's class
+    for i, (first, second) in ((5, rows[9:11]), (1, rows[1:3])):
+        seg = np.asarray(Image.open(out / "segmentations" / f"im{i:02d}.png"))
+        assert seg.shape == (20, 30)
+        left = seg[boxes[0]]
+        assert (left == int(first["cluster"]) + 1).all()
+        right = seg[boxes[1]]
+        assert (right == (int(second["cluster"]) + 1 if second["cluster"] != "-1" else 0)).all()
+        outside = np.ones_like(seg, bool)
+        outside[boxes[0]] = outside[boxes[1]] = False
+        assert not seg[outside].any()
+    assert second["cluster"] == "-1"  # (im01's second proposal is invalid: background)
+    assert int(rows[9]["cluster"]) != int(rows[10]["cluster"])  # two classes in one image
+    assert not np.asarray(Image.open(out / "segmentations" / "im00.png")).any()
+
+    # segment's model file re-assigns the proposals' prototypes as the stage did
+    from artifacts.embeddings import EmbeddingStore
+
+    es = EmbeddingStore(store)
+    _, _, protos, valid = es.regions()
+    clustering = load_clustering(out / "kmeans_model.json")
+    clusters = np.array([int(r["cluster"]) for r in rows])
+    np.testing.assert_array_equal(clustering.classes(protos[valid]), clusters[valid] + 1)
+    model = json.loads((out / "kmeans_model.json").read_text())
+    assert model["regions"] == "proposals" and model["extract"]["proposals"]["proposals"] == "components"
+    assert sorted(p.name for p in (out / "sheets").iterdir()) == [f"cluster-{c:02d}.png" for c in range(GROUPS)]
+    assert "the proposals nearest its centroid" in (out / "report.md").read_text()
+
+
+def test_a_proposal_tile_is_cropped_around_its_box():
+    from stages.clusters.stage import _proposal_tile
+
+    image = np.zeros((100, 200, 3), np.uint8)
+    mask = np.zeros((100, 200), bool)
+    mask[40:60, 100:140] = True
+    tile = _proposal_tile(image, mask, (255, 0, 0))
+    assert tile.shape == (40, 80, 3)  # the 20 x 40 box grown by half its size on each side
+    assert tile[20, 40].tolist() != [0, 0, 0]  # tinted inside
+    assert _proposal_tile(image, np.zeros_like(mask), (255, 0, 0)).shape == image.shape  # nothing to crop to
+    small = np.zeros((100, 200), bool)
+    small[0, 199] = True  # one pixel in a corner: at least 24 pixels a side, within the image
+    assert _proposal_tile(image, small, (255, 0, 0)).shape == (13, 13, 3)
