@@ -14,13 +14,30 @@ the two K-means figures; then a controlled throughput comparison: the same batch
     python benchmarks/bench_proposals_demo.py --data demo-multi --store store-proposals --seeds 0
     python benchmarks/bench_proposals_demo.py --seeds 0,1 --set train.epochs=8
 
+``--modes`` adds ``cuts`` (the ``features`` estimator's repeated cuts: its route sets
+``masks.method=features``). ``--route`` names settings measured toward the issue's goal (K-means
+with components at least 1.3x single), each on top of the demo configuration (``ROUTES``):
+
+- ``priors`` (the default): the demo as ``make demo`` runs it;
+- ``features``: masks from the ``features`` estimator (objects cut from the ImageNet MobileNetV2's
+  feature grid, ``masks.features.init`` = the shared torchvision weights; no saliency labels);
+- ``imagenet``: the network from ImageNet weights, with the davis16 preset's backbone settings
+  (MobileNetV2, torchvision init, early layers frozen, lr 0.01, temperature 0.5, key momentum
+  0.999); the demo's masks, views and 16 epochs;
+- ``features-imagenet``: both;
+- ``clean``: an upper bound, not a method: the generator's own object masks (``labels/`` > 0,
+  written as 0/255 PNGs to ``<store>/clean-masks`` and read with ``masks.method=import``).
+
+More epochs: ``--set train.epochs=N``.
+
 Complete versions are skipped as in any run, so a second call only reads the reports. Each demo
-run takes 5-10 min on 2 CPU cores.
+run takes 5-15 min on 2 CPU cores.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,6 +47,26 @@ from demo_spread import cli, run_seed  # noqa: E402  (benchmarks/ is this script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("single", "components")
+SHARED = Path(os.environ.get("MASKCONTRAST_SHARED", ROOT.parent / "shared"))
+IMAGENET = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+_FEATURES = ["masks.method=features", f"masks.features.init={IMAGENET}"]
+_IMAGENET = ["train.backbone=mobilenet_v2", f"train.init={IMAGENET}", "train.init_kind=torchvision",
+             "train.freeze_early=true", "train.lr=0.01", "train.temperature=0.5", "train.key_momentum=0.999"]
+ROUTES = {"priors": [], "features": _FEATURES, "imagenet": _IMAGENET, "features-imagenet": [*_FEATURES, *_IMAGENET],
+          "clean": ["masks.method=import"]}  # + masks.import_dir, written by clean_masks
+
+
+def clean_masks(data: Path, out: Path) -> Path:
+    """The demo's object masks (label > 0) as 0/255 PNGs ``out/<id>.png``, for ``masks.method=import``."""
+    import numpy as np
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    for label in sorted((data / "labels").glob("*.png")):
+        target = out / label.name
+        if not target.is_file():
+            Image.fromarray(((np.asarray(Image.open(label)) > 0) * 255).astype(np.uint8)).save(target)
+    return out
 
 
 def _manifest(store: Path, ref: str) -> dict:
@@ -127,20 +164,30 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override passed to every run (repeatable)")
+    ap.add_argument("--modes", default=",".join(MODES), help="masks.proposals values, comma-separated "
+                    "(single first: the ratios are to it); cuts needs the features estimator")
+    ap.add_argument("--route", choices=sorted(ROUTES), default="priors", help="settings toward the 1.3x goal "
+                    "(see the module docstring); --set comes after them and wins")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of the controlled step timing (0: skip)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
     config, store, data = a.config.resolve(), a.store.resolve(), a.data.resolve()
+    modes = [m for m in a.modes.split(",") if m.strip()]
+    sets = [*ROUTES[a.route], *a.sets]
+    if "cuts" in modes and "masks.method=features" not in sets:
+        raise SystemExit("--modes cuts needs the features estimator: --route features (or features-imagenet)")
     if not (data / "README.txt").is_file():
         print(f"writing the multi-object demo dataset to {data}", flush=True)
         cli(["data", "make-demo", str(data), "--multi-object"])
     store.mkdir(parents=True, exist_ok=True)
+    if a.route == "clean":
+        sets.insert(1, f"masks.import_dir={clean_masks(data, store / 'clean-masks')}")
     log = store / "bench_proposals.log"
     print(f"config {config}, store {store}, data {data}; stage logs in {log}", flush=True)
     rows = []
     for seed in (int(s) for s in a.seeds.split(",") if s.strip()):
-        for mode in MODES:
-            r = run(config, store, data, mode, seed, a.sets, log)
+        for mode in modes:
+            r = run(config, store, data, mode, seed, sets, log)
             rows.append(r)
             print(f"train.seed {seed}, {mode}: {r['seconds']:.0f} s, K-means {r['kmeans']:.1f} ± {r['kmeans_std']:.1f} "
                   f"(colour {r['colour']:.1f}), retrieval {r['retrieval']:.1f}, linear {r['linear']:.1f}, "
@@ -149,11 +196,17 @@ def main() -> None:
     print(table(rows))
     for seed in sorted({r["seed"] for r in rows}):
         pair = {r["mode"]: r for r in rows if r["seed"] == seed}
-        print(f"train.seed {seed}: K-means components / single = {pair['components']['kmeans'] / pair['single']['kmeans']:.2f}"
-              f"; logged training throughput change {pair['components']['train_images_per_s'] / pair['single']['train_images_per_s'] - 1:+.1%}")
-    out = {"config": str(config), "sets": a.sets, "rows": rows}
-    if a.rounds:
-        steps = step_throughput(config, store, data, a.sets, [r for r in rows if r["seed"] == rows[0]["seed"]],
+        for mode in (m for m in modes if m != "single" and "single" in pair):
+            print(f"train.seed {seed}: K-means {mode} / single = {pair[mode]['kmeans'] / pair['single']['kmeans']:.2f}"
+                  f"; logged training throughput change "
+                  f"{pair[mode]['train_images_per_s'] / pair['single']['train_images_per_s'] - 1:+.1%}")
+    for mode in (m for m in modes if m != "single" and "single" in modes):
+        mean = {m: statistics.mean(r["kmeans"] for r in rows if r["mode"] == m) for m in ("single", mode)}
+        print(f"mean over training seeds: K-means single {mean['single']:.1f}, {mode} {mean[mode]:.1f}: "
+              f"{mean[mode] / mean['single']:.2f}x")
+    out = {"config": str(config), "route": a.route, "sets": sets, "rows": rows}
+    if a.rounds and {"single", "components"} <= set(modes):
+        steps = step_throughput(config, store, data, sets, [r for r in rows if r["seed"] == rows[0]["seed"]],
                                 a.rounds)
         out["steps"] = steps
         print(f"controlled step timing (batch {steps['batch']}, median of {steps['rounds']} alternated rounds): "
