@@ -21,6 +21,11 @@ scoring.
 
 ``--extract`` is the extract artifact of ``bench_davis_pipeline.py --rows init`` (its val
 prototypes fix which images and salient regions are scored; its manifest names the masks).
+The prototypes are computed here, image by image, as the extract stage's ``embedding: backbone``
+path computes them (square resize to 320 px, bicubic; mask-pooled backbone grid): the "alone" rows
+reproduce the pipeline's K-means of the same networks (47.0, 48.9, 45.2). Calling
+``stages.extract.extract.extract`` instead would share that code, but not the classifier's
+probabilities, which the extract stage has no place for.
 ``--purity`` first prints what the pseudo-classes are: how class-pure and how sequence-pure the
 K-means clusters of the starting network's train prototypes are (labels used for this line only).
 """
@@ -123,7 +128,7 @@ class Bench:
         per_seed = [r.miou for r in report.per_seed]
         return float(np.mean(per_seed)), float(np.std(per_seed))
 
-    def self_train(self, route: Route, seed: int, threads: int) -> tuple[MaskContrastModel, torch.nn.Module]:
+    def self_train(self, route: Route, seed: int) -> tuple[MaskContrastModel, torch.nn.Module]:
         torch.manual_seed(seed)
         model = self.model()
         samples = [self.ds.sample(i) for i in self.train_ids]
@@ -198,7 +203,7 @@ def main() -> None:
         route = Route.parse(text)
         for seed in (int(s) for s in args.train_seeds.split(",")):
             t0 = time.time()
-            model, head = bench.self_train(route, seed, args.threads)
+            model, head = bench.self_train(route, seed)
             protos, probs = bench.prototypes(model, bench.val_ids, head, route.head)
             km, km_sd = bench.kmeans(protos)
             pr, pr_sd = bench.kmeans(probs, pca_dim=None)

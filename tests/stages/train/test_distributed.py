@@ -89,6 +89,20 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def run_two_ranks(tmp_path: Path, worker: str, spec: dict) -> None:
+    """Run ``worker`` (a script reading ``REPO`` and the spec file) in two torchrun processes,
+    outside any launcher environment the tests themselves may run in; fail with its stderr."""
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "worker.py").write_text(worker)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(tmp_path / "worker.py"), str(REPO), str(tmp_path / "spec.json")],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("proposals", [False, True], ids=["one-mask", "two-proposals"])
@@ -120,15 +134,7 @@ def test_two_gloo_processes_train_with_consistent_weights_and_a_falling_loss(tmp
                   lr=0.05, num_workers=0, device="cpu", seed=1)
     spec = {"samples": samples, "masks": str(tmp_path / "masks"), "out": str(tmp_path / "out"),
             "dump": str(tmp_path / "dump"), "params": params}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "worker.py").write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "worker.py"), str(REPO), str(tmp_path / "spec.json")],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_ranks(tmp_path, WORKER, spec)
 
     ranks = [torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, value in ranks[0]["params"].items():

@@ -281,12 +281,7 @@ def test_backbone_space_trains_and_resumes_exactly(data, tmp_path) -> None:
 def test_two_processes_keep_the_feature_queue_aligned_with_the_prototype_queue(data, tmp_path) -> None:
     """With shuffle-BN the pooled features are gathered and unshuffled like the prototypes: both
     ranks hold the same, full feature queue."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.stages.train.test_distributed import LAUNCHER_VARS, REPO, WORKER
+    from tests.stages.train.test_distributed import WORKER, run_two_ranks
 
     samples, masks = data
     params = dict(backbone="resnet18", epochs=1, batch_size=4, queue_size=8, crop_size=32, embedding_dim=8,
@@ -294,17 +289,9 @@ def test_two_processes_keep_the_feature_queue_aligned_with_the_prototype_queue(d
                   contrast={"nn_topk": 1, "space": "backbone"})
     spec = {"samples": [(s.id, str(s.image)) for s in samples[:8]], "masks": str(masks), "out": str(tmp_path / "out"),
             "dump": str(tmp_path), "params": params}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "worker.py").write_text(WORKER.replace(
+    run_two_ranks(tmp_path, WORKER.replace(
         '"queue": trainer.enc.queue.queue.clone(),',
-        '"queue": trainer.enc.queue.queue.clone(), "space": trainer.enc.space_queue.queue.clone(),'))
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(tmp_path / "worker.py"), str(REPO), str(tmp_path / "spec.json")],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+        '"queue": trainer.enc.queue.queue.clone(), "space": trainer.enc.space_queue.queue.clone(),'), spec)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert torch.equal(ranks[0]["space"], ranks[1]["space"]) and torch.equal(ranks[0]["queue"], ranks[1]["queue"])
     assert (ranks[0]["space"].norm(dim=1) > 0.99).all()
