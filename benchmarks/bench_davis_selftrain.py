@@ -79,9 +79,11 @@ class Route:
     def parse(cls, text: str) -> Route:
         route = cls()
         for item in filter(None, text.split(",")):
-            key, value = item.split("=")
-            field = type(getattr(route, key))
-            route = replace(route, **{key: field(value)})
+            key, _, value = item.partition("=")
+            if not hasattr(route, key) or not value:
+                raise SystemExit(f"--routes {text!r}: {item!r} is not KEY=VALUE with KEY one of "
+                                 f"{', '.join(route.__dataclass_fields__)}")
+            route = replace(route, **{key: type(getattr(route, key))(value)})
         return route
 
     def __str__(self) -> str:
