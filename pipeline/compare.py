@@ -17,7 +17,7 @@ from pipeline.configtypes import ConfigError
 from pipeline.context import Context, Planned, StageDef
 from pipeline.graph import plan
 from pipeline.stagedefs import _extract_splits, retrieval_bank_split
-from stages.evaluate.params import protocol_options
+from stages.evaluate.params import needs_train_split, protocol_options
 from stages.versions import ALGORITHM_VERSIONS
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def compare_jobs(ctx: Context, extracts: Mapping[str, Any]) -> list[Job]:
     runner = protocol_options(cfg.evaluate)
     val, train = cfg.data.val_split, cfg.data.train_split
     bank = retrieval_bank_split(ctx)
-    needs_train = "linear" in protocols or ("retrieval" in protocols and bank is None)
+    needs_train = needs_train_split(cfg.evaluate, bank_is_train=bank is None)
     root = Path(cfg.data.root).resolve()
     jobs = []
     for model, info in extracts.items():

@@ -14,6 +14,7 @@ from artifacts.store import ArtifactWriter
 from pipeline.config import Config
 from pipeline.configtypes import ConfigError
 from pipeline.context import Context, StageDef
+from stages.evaluate.params import needs_train_split
 from stages.network.compute import resolved_compute
 from stages.versions import ALGORITHM_VERSIONS
 
@@ -210,13 +211,13 @@ def retrieval_bank_split(ctx: Context) -> str | None:
 
 
 def _extract_splits(ctx: Context) -> tuple[str, ...]:
-    """val always; train when the linear probe, or retrieval with the train split as its bank, needs
-    it; the bank's split when ``evaluate.retrieval.bank_split`` names another."""
+    """val always; train when a protocol reads it (``needs_train_split``: the linear probe, retrieval
+    with the train split as its bank, discriminant K-means); the bank's split when
+    ``evaluate.retrieval.bank_split`` names another."""
     cfg = ctx.cfg
-    protocols = set(cfg.evaluate.protocols)
     bank = retrieval_bank_split(ctx)
     splits = [cfg.data.val_split]
-    if "linear" in protocols or ("retrieval" in protocols and bank is None):
+    if needs_train_split(cfg.evaluate, bank_is_train=bank is None):
         splits.append(cfg.data.train_split)
     if bank is not None:
         splits.append(bank)
@@ -302,6 +303,8 @@ def _clusters_params(ctx: Context) -> Mapping[str, Any]:
                               "pca_dim": c.pca_dim, "n_init": c.n_init, "seed": c.seed, "sheet_size": c.sheet_size}
     if c.k == "auto":
         params["k_range"] = [2, c.k_max]
+    if c.space != "pca":  # left out for pca (and its keys with it): the versions made before it are kept
+        params["space"] = {"name": c.space, "groups": c.groups, "reg": c.reg}
     if ctx.cfg.masks.proposals != "single":
         # the embeddings hold proposals, clustered one by one (a clusters artifact made when they
         # were clustered per image is not reused); left out for single: its versions are kept
@@ -366,6 +369,9 @@ def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
         params["saliency"] = {"threshold": cfg.masks.threshold, "data": ctx.data_identity(_masks_split(cfg))}
     if "kmeans" in cfg.evaluate.protocols:
         params["kmeans"] = {**section["kmeans"], "seeds": section["seeds"]}
+        if cfg.evaluate.kmeans.space == "pca":  # the discriminant space's keys do nothing then
+            for key in ("groups", "reg"):
+                params["kmeans"].pop(key, None)
     if "linear" in cfg.evaluate.protocols:
         params["linear"] = {**section["linear"], "seed": section["seeds"][0]}
         if not cfg.evaluate.linear.crf:  # off: the parameters the versions had before the key existed

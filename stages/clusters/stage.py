@@ -64,7 +64,7 @@ from artifacts.embeddings import EmbeddingStore
 from stages.clusters.params import K_MIN, ClusterParams
 from stages.data import BadInputError, Sample, load_image
 from stages.evaluate.figures import cluster_sizes_png, k_selection_png
-from stages.evaluate.kmeans import KMeansError, KMeansProtocol, assign, choose_k
+from stages.evaluate.kmeans import KMeansError, KMeansProtocol, assign, choose_k, fit_discriminant
 from stages.evaluate.protocols import KMEANS_MODEL_FILE, kmeans_model_dict, whitening_note
 from stages.evaluate.report import write_report
 from stages.viz import contact_sheet, overlay_labels, overlay_mask, save_label_png, save_png, voc_palette
@@ -318,6 +318,14 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
             raise ClustersError(f"{store_dir}: {k} clusters need at least {k} {what}; there are {n_valid}")
     protocol = KMeansProtocol(n_clusters=k, seeds=(params.seed,), pca_dim=pca_dim, n_init=params.n_init,
                               use_gpu=use_gpu)
+    n_groups = min(params.groups * k, n_valid - 1)
+    discriminant = params.space == "discriminant" and n_groups >= 2  # else too few prototypes: PCA whitening
+    if discriminant:
+        try:
+            pca = fit_discriminant(protos[valid], n_groups, reg=params.reg, pca_dim=pca_dim, seed=params.seed)
+        except KMeansError as exc:
+            raise ClustersError(f"{store_dir}: discriminant space: {exc}") from None
+        z = pca.transform(protos[valid])
     fit = protocol.fit(z, params.seed)
     cluster = np.full(n_rows, -1, np.int64)  # -1: no salient region, not clustered
     cluster[valid] = fit.assignment
@@ -335,6 +343,8 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
         extra["regions"] = "proposals"
     if selection is not None:
         extra["k_selection"] = selection._asdict()
+    if discriminant:
+        extra["space"] = "discriminant"
     atomic_write_json(out / KMEANS_MODEL_FILE, kmeans_model_dict(report_model, "object", class_names, store, extra))
     if per_proposal:  # each row's share of its image, from its proposal's mask
         fraction = np.concatenate([[float(r.mask.mean()) for r in store.read_regions(id_)] for id_ in ids])
@@ -436,15 +446,18 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
 
     summary: dict[str, Any] = {
         "k": k, "k_rule": "given" if selection is None else "silhouette", "seed": int(params.seed),
-        "pca_dim": int(pca.dim) if pca is not None else None, "n_images": n, "n_valid": n_valid,
+        "pca_dim": int(pca.dim) if pca is not None and not discriminant else None, "n_images": n, "n_valid": n_valid,
         "n_segmentations": n_written, "n_skipped": len(skipped), "cluster_sizes": sizes.tolist(),
         "class_names": class_names, "inertia": fit.inertia,
     }
     if per_proposal:  # n_valid counts proposals
         summary.update(regions="proposals", n_regions=n_rows)
+    if params.space == "discriminant":
+        summary.update(space="discriminant" if discriminant else "pca (too few prototypes for discriminant)",
+                       groups=n_groups if discriminant else 0, space_dim=int(pca.dim) if pca is not None else None)
     if selection is not None:
         summary["silhouette"] = selection.silhouette[selection.ks.index(k)]
-    notes = [whitening_note(n_valid, pca.dim if pca is not None else None, "clusters.pca_dim")]
+    notes = [whitening_note(n_valid, pca.dim if pca is not None and not discriminant else None, "clusters.pca_dim")]
     if selection is not None and k == selection.ks[-1] and len(selection.ks) > 1:
         notes.append(f"the silhouette is highest at the largest k tried ({k}): raise clusters.k_max to see "
                      "whether it peaks further on (near-duplicate images, such as video frames, form clusters "

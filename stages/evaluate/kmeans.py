@@ -47,11 +47,15 @@ class KMeansError(ValueError):
 
 @dataclass(frozen=True)
 class PCAWhitening:
-    """A fitted PCA whitening: z = ((x - mean) @ components.T) * scales."""
+    """A fitted linear map to the clustering space: z = ((x - mean) @ components.T) * scales.
+
+    From :func:`pca_whiten` (orthonormal rows by decreasing variance, scales 1 / sqrt(variance))
+    or :func:`fit_discriminant` (discriminant directions, scales 1); ``segment`` applies either.
+    """
 
     mean: np.ndarray  # (D,) float64
-    components: np.ndarray  # (d, D) float64, orthonormal rows, by decreasing variance
-    scales: np.ndarray  # (d,) float64, 1 / sqrt(explained variance)
+    components: np.ndarray  # (d, D) float64
+    scales: np.ndarray  # (d,) float64
 
     @property
     def dim(self) -> int:
@@ -106,6 +110,73 @@ def pca_whiten(x: np.ndarray, dim: int = 32, eps: float = 1e-6, chunk: int = 655
     comps *= flip[:, None]
     fit = PCAWhitening(mean, comps, 1.0 / np.sqrt(var[:d_out]))
     return fit.transform(x), fit
+
+
+# ----------------------------------------------------------------------------- discriminant space
+
+
+def discriminant_directions(x: np.ndarray, groups: np.ndarray, reg: float = 0.1) -> np.ndarray:
+    """Fisher's discriminant directions of rows x (N, D) for the partition ``groups`` (N,): the
+    columns (D, d) of L maximising between-group over within-group scatter, scaled so that the
+    regularised within-group scatter is the identity in the new space (L.T Sw L = I), by
+    decreasing ratio; d = min(number of groups - 1, D).
+
+    Sw is the mean within-group scatter plus ``reg`` times its mean eigenvalue on the diagonal
+    (shrinkage: with fewer rows than dimensions Sw is singular). Solved through the Cholesky
+    factor of Sw and a symmetric eigenproblem; each column's sign is fixed (largest absolute
+    loading positive) so the result is deterministic.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    groups = np.asarray(groups)
+    if x.ndim != 2 or groups.shape != (x.shape[0],):
+        raise KMeansError(f"discriminant_directions: expected x (N, D) and groups (N,), got {x.shape}, {groups.shape}")
+    labels, inverse = np.unique(groups, return_inverse=True)
+    if len(labels) < 2:
+        raise KMeansError("discriminant_directions: needs at least 2 groups")
+    if reg <= 0:
+        raise KMeansError(f"discriminant_directions: reg must be > 0, got {reg}")
+    n, d_in = x.shape
+    mean = x.mean(axis=0)
+    sums = np.zeros((len(labels), d_in))
+    np.add.at(sums, inverse, x)
+    sizes = np.bincount(inverse).astype(np.float64)
+    centres = sums / sizes[:, None]
+    within = x - centres[inverse]
+    sw = within.T @ within / n
+    between = (centres - mean) * np.sqrt(sizes / n)[:, None]  # sb = between.T @ between
+    sw[np.diag_indices(d_in)] += reg * max(np.trace(sw) / d_in, 1e-12)
+    chol_inv = np.linalg.inv(np.linalg.cholesky(sw))  # sw^-1 = chol_inv.T @ chol_inv
+    b = between @ chol_inv.T  # (G, D): sb in the whitened-within space is b.T @ b
+    _, sing, vt = np.linalg.svd(b, full_matrices=False)  # eigenvectors of b.T b, decreasing
+    d_out = int(min(len(labels) - 1, d_in, np.count_nonzero(sing > 1e-10 * max(sing[0], 1e-300))))
+    dirs = chol_inv.T @ vt[:d_out].T  # (D, d)
+    flip = np.sign(dirs[np.argmax(np.abs(dirs), axis=0), np.arange(d_out)])
+    return dirs * np.where(flip == 0, 1.0, flip)[None, :]
+
+
+def fit_discriminant(x: np.ndarray, n_groups: int, *, reg: float = 0.1, pca_dim: int = 32, seed: int = 0,
+                     n_init: int = 3) -> PCAWhitening:
+    """A label-free discriminant space for K-means, fitted on prototypes x (N, D) (e.g. the train
+    split's): k-means with ``n_groups`` clusters in the PCA-whitened space (``pca_dim``) groups the
+    rows finely (over-clustering), then Fisher's discriminant of those groups
+    (:func:`discriminant_directions`, shrinkage ``reg``) maps any prototype to z = (x - mean) @ L.
+
+    K-means assumes round clusters of equal spread; PCA whitening rounds the whole cloud, this
+    rounds the groups: directions along which members of a group differ (pose, background, the
+    frames of one video) shrink, directions that separate groups grow (LDA-Km, Ding & Li 2007).
+    Returned as a :class:`PCAWhitening` (scales 1), so reports, ``segment`` and
+    ``apply_kmeans`` use it unchanged.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise KMeansError(f"fit_discriminant: expected (N >= 2, D) prototypes, got shape {x.shape}")
+    n_groups = int(n_groups)
+    if not 2 <= n_groups <= x.shape[0]:
+        raise KMeansError(f"fit_discriminant: needs 2 <= n_groups <= {x.shape[0]} prototypes, got {n_groups}")
+    z, _ = pca_whiten(x, pca_dim)
+    groups = kmeans(z, n_groups, seed, n_init).assignment
+    dirs = discriminant_directions(x, groups, reg)
+    return PCAWhitening(x.mean(axis=0), dirs.T.copy(), np.ones(dirs.shape[1]))
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -362,8 +433,10 @@ class KMeansProtocol:
         """One seed's clustering of whitened prototypes z (N, d): k-means++ restarts, lowest inertia."""
         return kmeans(z, self.n_clusters, seed, self.n_init, self.n_iter, self.use_gpu)
 
-    def run(self, prototypes: np.ndarray, counts: SalientClassCounts) -> KMeansReport:
-        """prototypes (n_images, D), L2-normalised, in the same order as `counts`."""
+    def run(self, prototypes: np.ndarray, counts: SalientClassCounts,
+            space: PCAWhitening | None = None) -> KMeansReport:
+        """prototypes (n_images, D), L2-normalised, in the same order as `counts`. ``space``: a
+        fitted map to cluster in (e.g. :func:`fit_discriminant`) instead of PCA whitening."""
         prototypes = np.asarray(prototypes)
         if prototypes.ndim != 2 or prototypes.shape[0] != len(counts):
             raise KMeansError(
@@ -372,7 +445,7 @@ class KMeansProtocol:
         if not self.seeds:
             raise KMeansError("KMeansProtocol: seeds must not be empty")
         _check_matching(self.matching)
-        z, pca = self.whiten(prototypes)
+        z, pca = self.whiten(prototypes) if space is None else (space.transform(prototypes), space)
         results, present = [], np.zeros(counts.n_cls, bool)
         for seed in self.seeds:
             fit = self.fit(z, seed)

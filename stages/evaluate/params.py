@@ -24,6 +24,15 @@ class KMeansParams:
     n_clusters: Optional[int] = opt(None, doc="default: number of foreground classes", check=in_range(1))
     pca_dim: int = opt(32, doc="PCA-whitening dimension of the prototypes", check=in_range(1))
     n_init: int = opt(3, doc="k-means++ restarts per seed (lowest inertia kept)", check=in_range(1))
+    # the space K-means clusters in; the two keys after it stay out of the evaluate parameters while
+    # space is pca (since_default), so the versions made before they existed are unchanged
+    space: Literal["pca", "discriminant"] = opt(
+        "pca", doc="pca: the paper's PCA whitening; discriminant: Fisher's discriminant of over-clusters of the "
+                   "train prototypes (label-free; kmeans.fit_discriminant)", since_default=True)
+    groups: int = opt(3, doc="discriminant space: over-clusters of the train prototypes per K-means cluster",
+                      check=in_range(1), since_default=True)
+    reg: float = opt(0.1, doc="discriminant space: shrinkage of the within-group scatter (times its mean eigenvalue)",
+                     check=in_range(0.0, lo_open=True), since_default=True)
     pixel: bool = opt(False, doc="also run pixel-level K-means on the stored features (plain backbones)")
     pixel_matching: Literal["hungarian", "majority"] = opt("hungarian", doc="matching of the pixel variant")
     pixel_clusters: Optional[int] = opt(None, doc="pixel variant k (over-clustering); default: number of classes",
@@ -73,13 +82,24 @@ class EvaluateParams:
         check_fields(self)
 
 
+def needs_train_split(params: EvaluateParams, bank_is_train: bool = True) -> bool:
+    """Whether the protocols read the train split's embeddings: the linear probe learns on them,
+    retrieval banks them (``bank_is_train``: no other bank split), K-means fits its discriminant
+    space on them."""
+    protocols = set(params.protocols)
+    return ("linear" in protocols or ("retrieval" in protocols and bank_is_train)
+            or ("kmeans" in protocols and params.kmeans.space == "discriminant"))
+
+
 def protocol_options(params: EvaluateParams) -> dict[str, dict[str, Any]]:
     """Per protocol (``pixel_kmeans`` included), the runner keyword arguments that ``params`` sets,
     as JSON values (they enter the job keys of a comparison). ``linear.crf`` is absent while off."""
     k, lc = params.kmeans, params.linear
     subset = params.retrieval.class_subset
     return {
-        "kmeans": {"n_clusters": k.n_clusters, "pca_dim": k.pca_dim, "n_init": k.n_init},
+        "kmeans": {"n_clusters": k.n_clusters, "pca_dim": k.pca_dim, "n_init": k.n_init,
+                   # absent while pca: the job keys made before the discriminant space
+                   **({"space": k.space, "groups": k.groups, "reg": k.reg} if k.space != "pca" else {})},
         "pixel_kmeans": {"n_clusters": k.pixel_clusters, "matching": k.pixel_matching},
         "retrieval": {"class_subset": None if subset is None else list(subset)},
         "linear": {"epochs": lc.epochs, "lr": lc.lr, "lr_drop_epoch": lc.lr_drop_epoch, "momentum": lc.momentum,

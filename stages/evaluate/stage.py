@@ -26,7 +26,8 @@ def run_protocol(protocol: str, dataset: DatasetIndex, out_dir: Path, *, val_sto
                  **options: Any) -> dict[str, Any]:
     """Run ``protocol`` on the embedding store ``val_store`` (split ``val_split``) into ``out_dir``.
 
-    ``learn_store``/``learn_split``: what retrieval's memory bank or the linear probe learns from.
+    ``learn_store``/``learn_split``: what retrieval's memory bank or the linear probe learns from,
+    and where K-means fits its discriminant space (``space="discriminant"``).
     ``seeds``: the K-means seeds; the linear probe takes the first (None: the runner's default).
     ``cache_dir``: where K-means and retrieval keep per-image label counts. ``options``: the
     runner's keyword arguments (:func:`stages.evaluate.params.protocol_options`, ``figures``).
@@ -38,8 +39,9 @@ def run_protocol(protocol: str, dataset: DatasetIndex, out_dir: Path, *, val_sto
     if seeds is not None:
         seeded = {"seed": seeds[0]} if protocol == "linear" else {"seeds": seeds}
     if protocol == "kmeans":
+        fit = {"fit_store": learn_store} if options.get("space", "pca") != "pca" else {}
         return P.run_kmeans(val_store, dataset, val_ids, out_dir, split=val_split, cache_dir=cache_dir,
-                            progress=progress, **seeded, **options)
+                            progress=progress, **fit, **seeded, **options)
     if protocol == "pixel_kmeans":
         return P.run_pixel_kmeans(val_store, dataset, val_ids, out_dir, split=val_split, progress=progress,
                                   **seeded, **options)

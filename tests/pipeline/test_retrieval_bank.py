@@ -1,4 +1,5 @@
-"""``evaluate.retrieval.bank_split``: the retrieval memory bank from a split other than the train split.
+"""``evaluate.retrieval.bank_split``: the retrieval memory bank from a split other than the train split;
+and the other protocol that reads a second split, K-means in the discriminant space fitted on train.
 
 No network runs: the masks and train artifacts are written by hand at the versions the pipeline
 plans, and ``extract`` is replaced by a stand-in that writes planted prototypes for the splits the
@@ -113,6 +114,38 @@ def test_bank_split_is_extracted_and_is_the_retrieval_bank(project):
     m = metrics["retrieval"]
     assert (m["bank_split"], m["n_bank_images"]) == ("train", 6)
     assert m["miou"] == pytest.approx(100 * 1 / 4)  # every salient box mislabelled; background IoU 1
+
+
+def test_discriminant_kmeans_extracts_and_fits_on_the_train_split(project):
+    root, extracted = project
+    plain = _context("evaluate.protocols=[kmeans]")
+    assert list(plan(plain, ("extract",))["extract"].spec.params["splits"]) == ["val"]
+    assert "space" not in plan(plain, ("evaluate",))["evaluate"].spec.params["kmeans"]  # versions as before the key
+    idle = _context("evaluate.protocols=[kmeans]", "evaluate.kmeans.groups=5", "evaluate.kmeans.reg=0.5")
+    assert plan(idle, ("evaluate",))["evaluate"].version == plan(plain, ("evaluate",))["evaluate"].version
+    sets = ("evaluate.protocols=[kmeans]", "evaluate.kmeans.space=discriminant", "evaluate.kmeans.groups=1")
+    ctx = _context(*sets)
+    assert list(plan(ctx, ("extract",))["extract"].spec.params["splits"]) == ["val", "train"]
+    assert plan(ctx, ("evaluate",))["evaluate"].spec.params["kmeans"]["space"] == "discriminant"
+    _upstream()
+    r = invoke("-q", *(a for s in sets for a in ("--set", s)), "evaluate")
+    assert r.exit_code == 0, r.output
+    assert extracted == ["val", "train"]
+    m = json.loads((_evaluate_dir(root, *sets) / "metrics.json").read_text())["kmeans"]
+    assert m["space"]["name"] == "discriminant" and Path(m["space"]["fitted_on"]).name == "train"
+    assert m["miou"] == pytest.approx(100.0)  # the train prototypes are shifted by a class: the groups still separate
+    r = invoke("-q", "--set", "evaluate.kmeans.space=lda", "evaluate")
+    assert r.exit_code == 2 and "evaluate.kmeans.space" in r.output and "lda" in r.output
+
+
+def test_compare_jobs_give_discriminant_kmeans_the_train_store(project):
+    ctx = _context("evaluate.protocols=[kmeans]", "evaluate.kmeans.space=discriminant", "evaluate.seeds=[1]")
+
+    class Extract:
+        path = "/shared/extract/v1"
+
+    (job,) = compare_jobs(ctx, {"m": Extract()})
+    assert (Path(job.train_store).name, job.train_split) == ("train", "train")
 
 
 def test_linear_and_bank_extract_both_splits(project):

@@ -213,7 +213,8 @@ def test_result_keys_do_change_versions(setting, tmp_path):
 
 
 @pytest.mark.parametrize("setting", ["clusters.k=3", "clusters.k_max=8", "clusters.pca_dim=4", "clusters.n_init=2",
-                                     "clusters.seed=7", "clusters.sheet_size=4", "clusters.names={names}"])
+                                     "clusters.seed=7", "clusters.sheet_size=4", "clusters.names={names}",
+                                     "clusters.space=discriminant"])
 def test_clusters_keys_change_the_clusters_version_alone(setting, tmp_path):
     """The clusters stage has no bookkeeping key: each of its keys changes its pictures or partition."""
     from pipeline.config import Config
@@ -221,7 +222,8 @@ def test_clusters_keys_change_the_clusters_version_alone(setting, tmp_path):
 
     assert {k for k, *_ in field_docs(Config) if k.startswith("clusters.")} == {
         "clusters.k", "clusters.k_max", "clusters.pca_dim", "clusters.n_init", "clusters.seed",
-        "clusters.sheet_size", "clusters.names"}  # a new key is added here, or declared bookkeeping
+        "clusters.sheet_size", "clusters.names", "clusters.space", "clusters.groups",
+        "clusters.reg"}  # a new key is added here, or declared bookkeeping (groups, reg: with space only)
     (tmp_path / "names.txt").write_text("0: sky\n")
     path, extra = VARIANTS["pipeline.yaml+photos"]
     got = planned_versions(path, tmp_path, (*extra, setting.replace("{names}", str(tmp_path / "names.txt"))))

@@ -15,6 +15,7 @@ from stages.clusters import (
     ClustersError,
     NamesError,
     apply_names,
+    default_pca_dim,
     make_clusters,
     parse_names,
     read_names,
@@ -164,6 +165,31 @@ def test_given_k_is_the_protocols_partition_and_names_apply(tmp_path):
     with pytest.raises(NamesError, match="names cluster 7"):
         make_clusters(store, samples, tmp_path / "again", ClusterParams(k=4), names={7: "sky"},
                       progress=False)
+
+
+def test_discriminant_space_clusters_in_the_fitted_space_and_segment_loads_it(tmp_path):
+    store, samples, groups = _store(tmp_path, n=30)
+    out = tmp_path / "clusters"
+    params = ClusterParams(k=GROUPS, space="discriminant", groups=2, n_init=3, seed=5)
+    summary = make_clusters(store, samples, out, params, progress=False)
+    assert (summary["space"], summary["groups"], summary["pca_dim"]) == ("discriminant", 6, None)
+    from artifacts.embeddings import EmbeddingStore
+    from stages.evaluate.kmeans import fit_discriminant
+
+    _, protos, valid = EmbeddingStore(store).prototypes()
+    space = fit_discriminant(protos[valid], 6, reg=0.1, pca_dim=default_pca_dim(29), seed=5)
+    expected = KMeansProtocol(n_clusters=GROUPS, seeds=(5,), n_init=3).fit(space.transform(protos[valid]), 5).assignment
+    rows = list(csv.DictReader((out / "assignments.csv").open()))
+    got = np.array([int(r["cluster"]) for r in rows])
+    np.testing.assert_array_equal(got, [-1, *expected])
+    assert len({(g, c) for g, c in zip(groups[1:], got[1:])}) == GROUPS  # the planted groups, one cluster each
+    model = json.loads((out / "kmeans_model.json").read_text())
+    assert model["space"] == "discriminant" and len(model["pca"]["components"]) == summary["space_dim"] == 5
+    clustering = load_clustering(out / "kmeans_model.json")  # segment applies the same map
+    np.testing.assert_array_equal(clustering.classes(protos[valid]), np.array(model["per_seed"][0]["mapping"])[expected + 1])
+    tiny = make_clusters(store, samples[:3], tmp_path / "tiny", ClusterParams(k=2, space="discriminant"),
+                         progress=False)  # 2 prototypes: no room for over-clusters, PCA whitening instead
+    assert tiny["space"].startswith("pca") and tiny["groups"] == 0
 
 
 def test_auto_k_at_the_top_of_the_range_says_so(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 from artifacts.atomic import atomic_write_json
 from artifacts.embeddings import EmbeddingStore
 from stages.data import BadInputError, DatasetIndex, load_image
-from stages.evaluate.kmeans import VOC_KMEANS_SEEDS, KMeansProtocol, assign
+from stages.evaluate.kmeans import VOC_KMEANS_SEEDS, KMeansProtocol, PCAWhitening, assign, fit_discriminant
 from stages.evaluate.metrics import remap_confusion
 from stages.evaluate.saliency import ProtocolError
 
@@ -80,11 +80,26 @@ def colour_descriptors(store: EmbeddingStore, dataset: DatasetIndex, ids: Sequen
     return np.sqrt(out)
 
 
+def discriminant_space(fit_store: StoreLike, n_groups: int, *, reg: float, pca_dim: int | None,
+                       seed: int = 0) -> tuple[PCAWhitening, int]:
+    """The label-free discriminant space (:func:`stages.evaluate.kmeans.fit_discriminant`) fitted on
+    the valid region prototypes of ``fit_store`` (the train split's), with ``n_groups``
+    over-clusters (fewer when the store has fewer prototypes); returns (space, prototypes used)."""
+    store = open_store(fit_store)
+    _, _, protos, valid = store.regions()
+    x = protos[valid]
+    if len(x) < 3:
+        raise ProtocolError(f"{store.directory}: the discriminant K-means space is fitted on this split's "
+                            f"prototypes and needs at least 3 usable ones, found {len(x)}")
+    return fit_discriminant(x, min(n_groups, len(x) - 1), reg=reg, pca_dim=pca_dim or 32, seed=seed), len(x)
+
+
 def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[str], out_dir: Path, *,
                n_clusters: int | None = None, seeds: Sequence[int] = VOC_KMEANS_SEEDS, pca_dim: int | None = 32,
                n_init: int = 3, use_gpu: bool = False, split: str = "val", progress: bool = True,
                figures: bool = True, sheet_size: int = SHEET_SIZE, cache_dir: Path | None = None,
-               colour_baseline: bool = True) -> dict[str, Any]:
+               colour_baseline: bool = True, space: str = "pca", groups: int = 3, reg: float = 0.1,
+               fit_store: StoreLike | None = None) -> dict[str, Any]:
     """The paper's K-means protocol on the val prototypes (one per image).
 
     PCA(pca_dim, whiten), k-means with ``n_clusters`` (default: number of foreground classes) per
@@ -93,7 +108,15 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
     class names, the extract parameters: what ``segment`` needs) and, for the first seed, the
     confusion matrix, the per-class IoU chart and a contact sheet. The label counts are cached in
     ``cache_dir`` (default ``out_dir``).
+
+    ``space="discriminant"``: cluster in the discriminant space of ``groups`` x ``n_clusters``
+    over-clusters of ``fit_store``'s prototypes (the train split's; :func:`discriminant_space`,
+    shrinkage ``reg``) instead of the PCA whitening; the colour baseline keeps PCA whitening.
     """
+    if space not in ("pca", "discriminant"):
+        raise ProtocolError(f"K-means space must be 'pca' or 'discriminant', got {space!r}")
+    if space == "discriminant" and fit_store is None:
+        raise ProtocolError("K-means space 'discriminant' is fitted on the train split's prototypes: pass fit_store")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(val_store)
@@ -108,8 +131,10 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
     protos = region_prototypes(store, sc)
     protocol = KMeansProtocol(n_clusters=k, seeds=tuple(int(s) for s in seeds), pca_dim=pca_dim, n_init=n_init,
                               use_gpu=use_gpu)
-    report = protocol.run(protos, sc.counts)
-    model = kmeans_model_dict(report.model(), "object", names, store, {"embedding_dim": int(protos.shape[1])})
+    fitted, n_fit = (None, 0) if space == "pca" else discriminant_space(fit_store, groups * k, reg=reg, pca_dim=pca_dim)
+    report = protocol.run(protos, sc.counts, space=fitted)
+    model = kmeans_model_dict(report.model(), "object", names, store, {"embedding_dim": int(protos.shape[1]),
+                                                                      **({"space": "discriminant"} if fitted else {})})
     atomic_write_json(out_dir / KMEANS_MODEL_FILE, model)
 
     per_class = per_class_dict(names, report.per_class_iou)
@@ -131,7 +156,10 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
                    figures=pictures, **skipped_metrics(sc.skipped))
     if sc.regions is not None:
         metrics["n_regions"] = len(sc.counts)
-    note = whitening_note(len(sc.counts), report.pca.dim if report.pca is not None else None)
+    if fitted is not None:
+        metrics["space"] = {"name": "discriminant", "groups": min(groups * k, n_fit - 1), "reg": reg,
+                            "dim": fitted.dim, "fitted_on": str(open_store(fit_store).directory), "n_fit": n_fit}
+    note = whitening_note(len(sc.counts), report.pca.dim if report.pca is not None and fitted is None else None)
     if note:
         metrics["note"] = note
     if colour_baseline:

@@ -20,6 +20,8 @@ from stages.evaluate.kmeans import (
     assign,
     cell_class_counts,
     choose_k,
+    discriminant_directions,
+    fit_discriminant,
     kmeans,
     kmeans_plusplus,
     pca_whiten,
@@ -146,6 +148,82 @@ def test_protocol_whiten_and_fit_are_what_run_clusters(rng):
         fit = protocol.fit(z, seed)
         np.testing.assert_array_equal(fit.centroids, np.asarray(result.centroids, np.float32))
         assert np.bincount(fit.assignment, minlength=5).tolist() == result.cluster_sizes
+
+
+def test_discriminant_directions_solve_the_generalised_eigenproblem(rng):
+    import scipy.linalg
+
+    x = rng.normal(size=(90, 6)) * np.array([3.0, 1.0, 1.0, 0.5, 0.2, 2.0])
+    groups = rng.integers(0, 5, size=90)
+    x[:, 1] += groups  # one direction carries the groups
+    reg = 0.1
+    dirs = discriminant_directions(x, groups, reg)
+    # straightforward reference: Sw (with shrinkage) and Sb by definition, scipy's eigh(Sb, Sw)
+    mean = x.mean(0)
+    sw, sb = np.zeros((6, 6)), np.zeros((6, 6))
+    for g in np.unique(groups):
+        xg = x[groups == g]
+        sw += (xg - xg.mean(0)).T @ (xg - xg.mean(0))
+        sb += len(xg) * np.outer(xg.mean(0) - mean, xg.mean(0) - mean)
+    sw, sb = sw / len(x), sb / len(x)
+    sw += reg * np.trace(sw) / 6 * np.eye(6)
+    values, vectors = scipy.linalg.eigh(sb, sw)  # ascending, vectors.T @ sw @ vectors = I
+    values, vectors = values[::-1][:4], vectors[:, ::-1][:, :4]  # 5 groups: 4 directions
+    assert dirs.shape == (6, 4)
+    np.testing.assert_allclose(dirs.T @ sw @ dirs, np.eye(4), atol=1e-9)
+    np.testing.assert_allclose(np.diag(dirs.T @ sb @ dirs), values, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(dirs), np.abs(vectors), atol=1e-8)
+    assert np.allclose(discriminant_directions(x, groups, reg), dirs)  # deterministic signs
+
+
+def test_discriminant_directions_validate(rng):
+    x = rng.normal(size=(10, 3))
+    with pytest.raises(KMeansError, match="at least 2 groups"):
+        discriminant_directions(x, np.zeros(10, int))
+    with pytest.raises(KMeansError, match="reg must be > 0"):
+        discriminant_directions(x, np.arange(10) % 2, reg=0.0)
+    with pytest.raises(KMeansError, match="n_groups"):
+        fit_discriminant(x, 11)
+
+
+def sequences(seed: int):
+    """Classes hidden by nuisance: 4 classes x 6 'videos' x 10 frames; a class's signal lives in 3
+    directions, each video also sits at its own place in 20 nuisance directions, and its frames
+    spread around it. Even videos fit the space, odd ones are clustered."""
+    rng = np.random.default_rng(seed)
+    centres = 2.0 * rng.normal(size=(4, 3))
+    rows, cls, video = [], [], []
+    for c in range(4):
+        for v in range(6):
+            signal, nuisance = centres[c] + 0.3 * rng.normal(size=3), rng.normal(size=20)
+            for _ in range(10):
+                rows.append(np.concatenate([signal + 0.1 * rng.normal(size=3), nuisance + 0.5 * rng.normal(size=20)]))
+                cls.append(c)
+                video.append(v)
+    return np.array(rows), np.array(cls), np.array(video) % 2 == 0
+
+
+def test_discriminant_space_clusters_classes_that_pca_whitening_loses():
+    pca_ari, disc_ari = [], []
+    for seed in range(6):
+        x, y, fit = sequences(seed)
+        z, _ = pca_whiten(x[~fit].astype(np.float32), 32)
+        pca_ari.append(adjusted_rand_score(y[~fit], kmeans(z, 4, 0, 3).assignment))
+        space = fit_discriminant(x[fit], 12)  # 3 groups per class: over-clusters of the fitting videos
+        assert space.dim == 11 and np.allclose(space.scales, 1.0)
+        disc_ari.append(adjusted_rand_score(y[~fit], kmeans(space.transform(x[~fit]), 4, 0, 3).assignment))
+    assert np.mean(pca_ari) < 0.3 and np.mean(disc_ari) > np.mean(pca_ari) + 0.4, (pca_ari, disc_ari)
+
+
+def test_protocol_run_clusters_in_a_given_space_and_reapplies(rng):
+    x, y, counts = object_setup(rng)
+    space = fit_discriminant(x, 10)
+    report = KMeansProtocol(n_clusters=5, seeds=(1, 2)).run(x, counts, space=space)
+    assert report.pca is space and report.miou == pytest.approx(100.0)
+    seed0 = json.loads(json.dumps(report.model()))["per_seed"][0]
+    classes = apply_kmeans(x, PCAWhitening.from_dict(report.model()["pca"]), np.array(seed0["centroids"]),
+                           seed0["mapping"], offset=1)
+    np.testing.assert_array_equal(classes, y + 1)
 
 
 def test_silhouette_matches_sklearn(rng):

@@ -176,6 +176,36 @@ def test_kmeans_planted_prototypes_recover_classes(tmp_path):
     assert "note" not in m  # 3 planted classes: whitened to their rank, not to pca_dim 32
 
 
+def test_kmeans_discriminant_space_is_fitted_on_the_train_store(tmp_path):
+    data = Planted(tmp_path)
+    out = tmp_path / "out"
+    m = run_kmeans(data.stores["val"], data.dataset, data.ids("val"), out, seeds=(1, 2), figures=False, progress=False,
+                   space="discriminant", groups=1, fit_store=data.stores["train"])
+    assert m["miou"] == pytest.approx(100.0)
+    assert m["space"]["name"] == "discriminant" and m["space"]["groups"] == 3 and m["space"]["n_fit"] == 9
+    assert m["space"]["dim"] == 2 and m["space"]["fitted_on"] == str(data.stores["train"])
+    model = json.loads((out / "kmeans_model.json").read_text())
+    assert model["space"] == "discriminant" and np.asarray(model["pca"]["components"]).shape == (2, D)
+    seed0 = model["per_seed"][0]
+    protos = np.stack([data.centres[data.planted[i]] for i in data.ids("val")])
+    classes = apply_kmeans(protos, PCAWhitening.from_dict(model["pca"]), np.array(seed0["centroids"]), seed0["mapping"], 1)
+    assert classes.tolist() == [1 + i % 3 for i in range(12)]  # segment's path: the same classes
+    assert "space" not in json.loads(json.dumps(run_kmeans(data.stores["val"], data.dataset, data.ids("val"),
+                                                           tmp_path / "pca", seeds=(1,), figures=False, progress=False)))
+
+
+def test_kmeans_discriminant_space_errors(tmp_path):
+    data = Planted(tmp_path, n_train=2)
+    ids = data.ids("val")
+    with pytest.raises(protocols.ProtocolError, match="pass fit_store"):
+        run_kmeans(data.stores["val"], data.dataset, ids, tmp_path / "a", space="discriminant", progress=False)
+    with pytest.raises(protocols.ProtocolError, match="'pca' or 'discriminant', got 'lda'"):
+        run_kmeans(data.stores["val"], data.dataset, ids, tmp_path / "b", space="lda", progress=False)
+    with pytest.raises(protocols.ProtocolError, match=r"emb-train: .* at least 3 usable ones, found 2"):
+        run_kmeans(data.stores["val"], data.dataset, ids, tmp_path / "c", space="discriminant",
+                   fit_store=data.stores["train"], progress=False)
+
+
 def test_kmeans_notes_whitening_too_many_directions():
     assert whitening_note(1449, 32) is None and whitening_note(116, 16) is None and whitening_note(116, None) is None
     note = whitening_note(116, 32)
