@@ -303,8 +303,8 @@ def _clusters_params(ctx: Context) -> Mapping[str, Any]:
                               "pca_dim": c.pca_dim, "n_init": c.n_init, "seed": c.seed, "sheet_size": c.sheet_size}
     if c.k == "auto":
         params["k_range"] = [2, c.k_max]
-    if c.space != "pca":  # left out for pca (and its keys with it): the versions made before it are kept
-        params["space"] = {"name": c.space, "groups": c.groups, "reg": c.reg}
+    # groups and reg only shape the discriminant space: with pca they leave the version alone
+    params["space"] = {"name": c.space, **({"groups": c.groups, "reg": c.reg} if c.space == "discriminant" else {})}
     if ctx.cfg.masks.proposals != "single":
         # the embeddings hold proposals, clustered one by one (a clusters artifact made when they
         # were clustered per image is not reused); left out for single: its versions are kept

@@ -19,7 +19,7 @@ ALGORITHM_VERSIONS: Mapping[str, int] = MappingProxyType({
     "masks": 1,
     "train": 1,
     "extract": 1,
-    "clusters": 1,
+    "clusters": 2,  # 2: K-means in the discriminant space by default (clusters.space)
     "evaluate": 1,
     "compare": 1,
 })

@@ -318,6 +318,7 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
             raise ClustersError(f"{store_dir}: {k} clusters need at least {k} {what}; there are {n_valid}")
     protocol = KMeansProtocol(n_clusters=k, seeds=(params.seed,), pca_dim=pca_dim, n_init=params.n_init,
                               use_gpu=use_gpu)
+    whitened_dim = pca.dim if pca is not None else None  # k and the over-clusters are chosen there
     n_groups = min(params.groups * k, n_valid - 1)
     discriminant = params.space == "discriminant" and n_groups >= 2  # else too few prototypes: PCA whitening
     if discriminant:
@@ -446,7 +447,7 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
 
     summary: dict[str, Any] = {
         "k": k, "k_rule": "given" if selection is None else "silhouette", "seed": int(params.seed),
-        "pca_dim": int(pca.dim) if pca is not None and not discriminant else None, "n_images": n, "n_valid": n_valid,
+        "pca_dim": whitened_dim, "n_images": n, "n_valid": n_valid,
         "n_segmentations": n_written, "n_skipped": len(skipped), "cluster_sizes": sizes.tolist(),
         "class_names": class_names, "inertia": fit.inertia,
     }
@@ -457,7 +458,7 @@ def make_clusters(store_dir: str | os.PathLike, samples: Sequence[Sample], out_d
                        groups=n_groups if discriminant else 0, space_dim=int(pca.dim) if pca is not None else None)
     if selection is not None:
         summary["silhouette"] = selection.silhouette[selection.ks.index(k)]
-    notes = [whitening_note(n_valid, pca.dim if pca is not None and not discriminant else None, "clusters.pca_dim")]
+    notes = [whitening_note(n_valid, whitened_dim, "clusters.pca_dim")]
     if selection is not None and k == selection.ks[-1] and len(selection.ks) > 1:
         notes.append(f"the silhouette is highest at the largest k tried ({k}): raise clusters.k_max to see "
                      "whether it peaks further on (near-duplicate images, such as video frames, form clusters "

@@ -169,6 +169,10 @@ GOLDEN: dict[str, dict[int, object]] = {
     "clusters": {1: {'k': 4, 'silhouette': 0.21,
                      'partition': [['demo_00008', 'demo_00011', 'demo_00013', 'demo_00015'], ['demo_00009', 'demo_00012'],
                                    ['demo_00010'], ['demo_00014']],
+                     'unclustered': []},
+                 2: {'k': 4, 'silhouette': 0.21,
+                     'partition': [['demo_00008', 'demo_00011'], ['demo_00009', 'demo_00012'],
+                                   ['demo_00010', 'demo_00013', 'demo_00015'], ['demo_00014']],
                      'unclustered': []}},
 }
 

@@ -146,7 +146,7 @@ def test_given_k_is_the_protocols_partition_and_names_apply(tmp_path):
     """One code path: the stage's partition is KMeansProtocol's on the same prototypes and seed."""
     store, samples, _ = _store(tmp_path, n=24)
     out = tmp_path / "clusters"
-    summary = make_clusters(store, samples, out, ClusterParams(k=4, pca_dim=4, n_init=3, seed=9),
+    summary = make_clusters(store, samples, out, ClusterParams(k=4, pca_dim=4, n_init=3, seed=9, space="pca"),
                             names={0: "left", 3: "left", 1: "right"}, progress=False)
     assert summary["k"] == 4 and summary["k_rule"] == "given" and not (out / "k_selection.png").exists()
     from artifacts.embeddings import EmbeddingStore
@@ -172,7 +172,7 @@ def test_discriminant_space_clusters_in_the_fitted_space_and_segment_loads_it(tm
     out = tmp_path / "clusters"
     params = ClusterParams(k=GROUPS, space="discriminant", groups=2, n_init=3, seed=5)
     summary = make_clusters(store, samples, out, params, progress=False)
-    assert (summary["space"], summary["groups"], summary["pca_dim"]) == ("discriminant", 6, None)
+    assert (summary["space"], summary["groups"], summary["pca_dim"]) == ("discriminant", 6, default_pca_dim(29))
     from artifacts.embeddings import EmbeddingStore
     from stages.evaluate.kmeans import fit_discriminant
 
