@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--groups", default="2,3,4", help="over-clusters per K-means cluster, comma-separated")
     ap.add_argument("--fit-seeds", default="0,1,2", help="over-clustering seeds, comma-separated")
     ap.add_argument("--pca-dim", type=int, default=32)
+    ap.add_argument("--n-init", type=int, default=3, help="k-means++ restarts per seed (evaluate.kmeans.n_init)")
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--val-split", default="val")
     ap.add_argument("--oracle", action="store_true", help="also the discriminants of the true classes and videos")
@@ -69,13 +70,14 @@ def main() -> None:
                 sys.exit(f"{split}: no such embedding split; extract it (e.g. with the linear or retrieval protocol)")
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            base = run_kmeans(val, dataset, val_ids, tmp / "pca", pca_dim=args.pca_dim, split=args.val_split,
+            base = run_kmeans(val, dataset, val_ids, tmp / "pca", pca_dim=args.pca_dim, n_init=args.n_init,
+                              split=args.val_split,
                               progress=False, figures=False, colour_baseline=False, cache_dir=tmp)
             print(f"| {name} | pca {args.pca_dim} | {base['miou']:.1f} ± {base['miou_std']:.1f} | |", flush=True)
             store = EmbeddingStore(val)
             sc = class_counts(store, dataset, val_ids, False, split=args.val_split, cache_dir=tmp, protocol="K-means")
             protos = region_prototypes(store, sc)
-            protocol = KMeansProtocol(n_clusters=k, pca_dim=args.pca_dim)
+            protocol = KMeansProtocol(n_clusters=k, pca_dim=args.pca_dim, n_init=args.n_init)
             for g in groups:
                 runs = [protocol.run(protos, sc.counts, space=discriminant_space(
                     train, g * k, reg=0.1, pca_dim=args.pca_dim, seed=s)[0]).miou for s in fit_seeds]
