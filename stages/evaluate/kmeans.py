@@ -123,7 +123,7 @@ def discriminant_directions(x: np.ndarray, groups: np.ndarray, reg: float = 0.1)
 
     Sw is the mean within-group scatter plus ``reg`` times its mean eigenvalue on the diagonal
     (shrinkage: with fewer rows than dimensions Sw is singular). Solved through the Cholesky
-    factor of Sw and a symmetric eigenproblem; each column's sign is fixed (largest absolute
+    factor of Sw and an SVD of the between-group scatter there; each column's sign is fixed (largest absolute
     loading positive) so the result is deterministic.
     """
     x = np.asarray(x, dtype=np.float64)
