@@ -368,10 +368,8 @@ def _evaluate_params(ctx: Context) -> Mapping[str, Any]:
     if "saliency" in cfg.evaluate.protocols:
         params["saliency"] = {"threshold": cfg.masks.threshold, "data": ctx.data_identity(_masks_split(cfg))}
     if "kmeans" in cfg.evaluate.protocols:
-        params["kmeans"] = {**section["kmeans"], "seeds": section["seeds"]}
-        if cfg.evaluate.kmeans.space == "pca":  # the discriminant space's keys do nothing then
-            for key in ("groups", "reg"):
-                params["kmeans"].pop(key, None)
+        kmeans = {k: v for k, v in section["kmeans"].items() if k not in ("space", "groups", "reg")}
+        params["kmeans"] = {**kmeans, **cfg.evaluate.kmeans.space_options(), "seeds": section["seeds"]}
     if "linear" in cfg.evaluate.protocols:
         params["linear"] = {**section["linear"], "seed": section["seeds"][0]}
         if not cfg.evaluate.linear.crf:  # off: the parameters the versions had before the key existed

@@ -24,8 +24,8 @@ class KMeansParams:
     n_clusters: Optional[int] = opt(None, doc="default: number of foreground classes", check=in_range(1))
     pca_dim: int = opt(32, doc="PCA-whitening dimension of the prototypes", check=in_range(1))
     n_init: int = opt(3, doc="k-means++ restarts per seed (lowest inertia kept)", check=in_range(1))
-    # the space K-means clusters in; the two keys after it stay out of the evaluate parameters while
-    # space is pca (since_default), so the versions made before they existed are unchanged
+    # the space K-means clusters in; these three keys enter versions and job keys through
+    # space_options only, and not at all while space is pca: the versions made before them are kept
     space: Literal["pca", "discriminant"] = opt(
         "pca", doc="pca: the paper's PCA whitening; discriminant: Fisher's discriminant of over-clusters of the "
                    "train prototypes (label-free; kmeans.fit_discriminant)", since_default=True)
@@ -40,6 +40,11 @@ class KMeansParams:
 
     def __post_init__(self):
         check_fields(self)
+
+    def space_options(self) -> dict[str, Any]:
+        """The clustering space's keys as they enter versions and job keys: none for pca (the
+        parameters made before the discriminant space; groups and reg do nothing then)."""
+        return {} if self.space == "pca" else {"space": self.space, "groups": self.groups, "reg": self.reg}
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,7 @@ def protocol_options(params: EvaluateParams) -> dict[str, dict[str, Any]]:
     k, lc = params.kmeans, params.linear
     subset = params.retrieval.class_subset
     return {
-        "kmeans": {"n_clusters": k.n_clusters, "pca_dim": k.pca_dim, "n_init": k.n_init,
-                   # absent while pca: the job keys made before the discriminant space
-                   **({"space": k.space, "groups": k.groups, "reg": k.reg} if k.space != "pca" else {})},
+        "kmeans": {"n_clusters": k.n_clusters, "pca_dim": k.pca_dim, "n_init": k.n_init, **k.space_options()},
         "pixel_kmeans": {"n_clusters": k.pixel_clusters, "matching": k.pixel_matching},
         "retrieval": {"class_subset": None if subset is None else list(subset)},
         "linear": {"epochs": lc.epochs, "lr": lc.lr, "lr_drop_epoch": lc.lr_drop_epoch, "momentum": lc.momentum,

@@ -81,17 +81,21 @@ def colour_descriptors(store: EmbeddingStore, dataset: DatasetIndex, ids: Sequen
 
 
 def discriminant_space(fit_store: StoreLike, n_groups: int, *, reg: float, pca_dim: int | None,
-                       seed: int = 0) -> tuple[PCAWhitening, int]:
+                       seed: int = 0) -> tuple[PCAWhitening, dict[str, Any]]:
     """The label-free discriminant space (:func:`stages.evaluate.kmeans.fit_discriminant`) fitted on
     the valid region prototypes of ``fit_store`` (the train split's), with ``n_groups``
-    over-clusters (fewer when the store has fewer prototypes); returns (space, prototypes used)."""
+    over-clusters (fewer when the store has fewer prototypes); returns (space, its description
+    for the report)."""
     store = open_store(fit_store)
     _, _, protos, valid = store.regions()
     x = protos[valid]
     if len(x) < 3:
         raise ProtocolError(f"{store.directory}: the discriminant K-means space is fitted on this split's "
                             f"prototypes and needs at least 3 usable ones, found {len(x)}")
-    return fit_discriminant(x, min(n_groups, len(x) - 1), reg=reg, pca_dim=pca_dim or 32, seed=seed), len(x)
+    n_groups = min(n_groups, len(x) - 1)
+    space = fit_discriminant(x, n_groups, reg=reg, pca_dim=pca_dim or 32, seed=seed)
+    return space, {"name": "discriminant", "groups": n_groups, "reg": reg, "dim": space.dim,
+                   "fitted_on": str(store.directory), "n_fit": len(x)}
 
 
 def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[str], out_dir: Path, *,
@@ -131,7 +135,8 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
     protos = region_prototypes(store, sc)
     protocol = KMeansProtocol(n_clusters=k, seeds=tuple(int(s) for s in seeds), pca_dim=pca_dim, n_init=n_init,
                               use_gpu=use_gpu)
-    fitted, n_fit = (None, 0) if space == "pca" else discriminant_space(fit_store, groups * k, reg=reg, pca_dim=pca_dim)
+    fitted, described = (None, None) if space == "pca" else discriminant_space(fit_store, groups * k, reg=reg,
+                                                                                pca_dim=pca_dim)
     report = protocol.run(protos, sc.counts, space=fitted)
     model = kmeans_model_dict(report.model(), "object", names, store, {"embedding_dim": int(protos.shape[1]),
                                                                       **({"space": "discriminant"} if fitted else {})})
@@ -156,9 +161,8 @@ def run_kmeans(val_store: StoreLike, dataset: DatasetIndex, val_ids: Sequence[st
                    figures=pictures, **skipped_metrics(sc.skipped))
     if sc.regions is not None:
         metrics["n_regions"] = len(sc.counts)
-    if fitted is not None:
-        metrics["space"] = {"name": "discriminant", "groups": min(groups * k, n_fit - 1), "reg": reg,
-                            "dim": fitted.dim, "fitted_on": str(open_store(fit_store).directory), "n_fit": n_fit}
+    if described is not None:
+        metrics["space"] = described
     note = whitening_note(len(sc.counts), report.pca.dim if report.pca is not None and fitted is None else None)
     if note:
         metrics["note"] = note
