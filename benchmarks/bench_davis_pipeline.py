@@ -15,7 +15,8 @@ store so shared stages are computed once) from ``configs/davis16_mobilenet.yaml`
   like ``init`` (does training improve the backbone, or only add a head on top of it?);
 - ``model-<route>`` / ``model-<route>-backbone``: the ``model`` row trained with a
   ``train.contrast`` route of issue 18 (``ROUTES``: false negatives out, nearest-neighbour positives
-  in, neighbours measured in the head's or the key backbone's space).
+  in, neighbours measured in the head's or the key backbone's space, or in the initial network's
+  with groups of near-duplicates).
 
 and prints one markdown table (K-means mIoU mean ± std over the seeds and its colour baseline,
 linear probe, retrieval, saliency of the masks used, wall time of the row). Rerunning reuses every
@@ -61,6 +62,13 @@ ROUTES = {
     "bbnn": ["train.contrast.nn_topk=2", "train.contrast.space=backbone"],
     # 4 neighbours in backbone space as positives, total weight 2 (the best 10-epoch screen)
     "bbnn4": ["train.contrast.nn_topk=4", "train.contrast.nn_weight=2", "train.contrast.space=backbone"],
+    # near-duplicate groups: 30 over-clusters (3 per class, as clusters.groups) of the initial network's
+    # features; the own group's columns (one video's frames) leave the softmax, or become positives,
+    # and the 2 nearest columns of other groups become positives
+    "grp": ["train.contrast.space=init", "train.contrast.groups=30", "train.contrast.same_group=drop"],
+    "grpnn": ["train.contrast.space=init", "train.contrast.groups=30", "train.contrast.same_group=drop",
+              "train.contrast.nn_topk=2"],
+    "grppos": ["train.contrast.space=init", "train.contrast.groups=30", "train.contrast.same_group=positive"],
 }
 for _route, _sets in ROUTES.items():
     ROWS[f"model-{_route}"] = list(_sets)

@@ -178,11 +178,12 @@ def keep_proposals(q: np.ndarray, k: np.ndarray, min_fg: float) -> tuple[np.ndar
 
 
 class TwoViewDataset(Dataset):
-    """Items ``(q_img, q_mask, k_img, k_mask, stats)`` for keys ``(epoch, index)``.
+    """Items ``(q_img, q_mask, k_img, k_mask, stats, sample)`` for keys ``(epoch, index)``.
 
     ``q_img``/``k_img``: uint8 3 x S x S; ``q_mask``/``k_mask``: bool S x S, or with
     ``proposals`` uint8 S x S label maps (module docstring); ``stats``: int64 (3,) counts of
-    failed draws, replaced images and unreadable images (``STAT_NAMES``).
+    failed draws, replaced images and unreadable images (``STAT_NAMES``); ``sample``: int64, the
+    index in ``samples`` of the image the views come from (``index``, or its replacement).
 
     Args:
         samples: the training images; ``index`` refers to this list.
@@ -265,7 +266,8 @@ class TwoViewDataset(Dataset):
                             q_mask, k_mask, n = q_mask > 0, k_mask > 0, 1
                         if n:
                             return (_chw(q_img), torch.from_numpy(q_mask.copy()), _chw(k_img),
-                                    torch.from_numpy(k_mask.copy()), torch.tensor(stats, dtype=torch.int64))
+                                    torch.from_numpy(k_mask.copy()), torch.tensor(stats, dtype=torch.int64),
+                                    torch.tensor(current, dtype=torch.int64))
                     stats[0] += 1
             stats[1] += 1
             current = self._replacement(epoch, index, candidate, current)

@@ -27,18 +27,33 @@ Similarity space. By default the cosines are those of the loss's own prototypes 
 random at the start of training). ``space="backbone"`` measures them instead between mask-pooled
 features of the key encoder's backbone (``pooled_features``; from an ImageNet init this is close
 to the initial feature space, in which same-class objects are already near each other), kept in a
-queue of their own beside the prototype queue, row for row.
+queue of their own beside the prototype queue, row for row. ``space="init"`` uses one fixed row
+per training image: the *initial* network's backbone features of the whole image pooled over its
+mask (``initial_features``, computed once before training), looked up by the image each column
+came from (the queue then remembers its rows' images).
+
+Groups of near-duplicates. On video data an image's nearest neighbours are frames of its own
+video, so "semantic" positives are the same object and dropped "false negatives" its own frames.
+Over-clustering the initial features (``over_cluster``: k-means with many more groups than
+classes, in the PCA-whitened space) finds those near-duplicate groups (on davis16-objects 24
+groups are 93 % video-pure and hold 90 % of the same-video pairs, where no cosine threshold
+separates them). With groups, ``fn_topk`` and ``nn_topk`` pick among the columns of *other*
+groups, and ``same_group`` decides the own group's columns: ``keep`` (negatives, as today),
+``drop`` (out of the softmax: they are the same object) or ``positive`` (extra targets with total
+weight ``group_weight``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .loss import DEFAULT_CHUNK_SIZE, _anchor_mask, _check_shapes
 
-SPACES = ("head", "backbone")
+SPACES = ("head", "backbone", "init")
+SAME_GROUP = ("keep", "drop", "positive")
 _NEG = -1e4  # a masked logit: exp(-1e4 / 1) underflows to exactly 0 next to any kept column
 
 
@@ -57,6 +72,8 @@ class ColumnRule:
     nn_topk: int = 0
     nn_weight: float = 0.0
     space: str = "head"
+    same_group: str = "keep"
+    group_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fn_threshold is not None and not -1.0 <= self.fn_threshold <= 1.0:
@@ -67,10 +84,15 @@ class ColumnRule:
             raise ValueError(f"nn_weight must be >= 0, got {self.nn_weight}")
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.same_group not in SAME_GROUP:
+            raise ValueError(f"same_group must be one of {', '.join(SAME_GROUP)}, got {self.same_group!r}")
+        if self.group_weight < 0:
+            raise ValueError(f"group_weight must be >= 0, got {self.group_weight}")
 
     @property
     def active(self) -> bool:
-        return self.fn_threshold is not None or self.fn_topk > 0 or (self.nn_topk > 0 and self.nn_weight > 0)
+        return (self.fn_threshold is not None or self.fn_topk > 0 or (self.nn_topk > 0 and self.nn_weight > 0)
+                or self.same_group != "keep")
 
 
 def _topk_mask(sim: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,6 +121,7 @@ def pooled_features(features: torch.Tensor, masks: torch.Tensor, eps: float = 1e
 def select_columns(
     prototypes: torch.Tensor, queue: torch.Tensor, rule: ColumnRule,
     space: tuple[torch.Tensor, torch.Tensor] | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The columns each image keeps and its targets, from the key prototypes.
 
@@ -107,10 +130,13 @@ def select_columns(
         queue: K x D earlier prototypes (columns B..B+K-1).
         rule: the selection.
         space: (B x C, K x C) unit rows in which to measure the cosines instead, row for row with
-            ``prototypes`` and ``queue`` (``rule.space == "backbone"``); None: the prototypes'.
+            ``prototypes`` and ``queue`` (``rule.space`` backbone or init); None: the prototypes'.
+        groups: (B, K) int64 group of each column's image (-1: none); the top-k picks skip the own
+            group, whose columns ``rule.same_group`` keeps, drops or makes positives.
     Returns:
         keep B x (B + K) bool (own column always True) and targets B x (B + K) float32:
-        1 at the own column, ``nn_weight / nn_topk`` at each selected neighbour, else 0.
+        1 at the own column, ``nn_weight / nn_topk`` at each selected neighbour,
+        ``group_weight / n`` at each of the n own-group columns (``same_group: positive``), else 0.
     """
     b = prototypes.shape[0]
     if space is not None:
@@ -126,10 +152,18 @@ def select_columns(
     own = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
     own[torch.arange(b), torch.arange(b)] = True
     usable = (columns.norm(dim=1) > 0)[None, :] & (prototypes.norm(dim=1) > 0)[:, None] & ~own  # B x N
-    candidates = sim.masked_fill(~usable, float("-inf"))
+    same = torch.zeros_like(own)
+    if groups is not None:
+        if groups[0].shape[0] != b or groups[1].shape[0] != queue.shape[0]:
+            raise ValueError(f"group rows ({groups[0].shape[0]}, {groups[1].shape[0]}) must match the "
+                             f"prototypes and queue ({b}, {queue.shape[0]})")
+        mine = groups[0].to(sim.device)
+        col_groups = torch.cat([mine, groups[1].to(sim.device)])
+        same = usable & (mine[:, None] == col_groups[None, :]) & (mine[:, None] >= 0)
+    candidates = sim.masked_fill(~usable | same, float("-inf"))
     drop = torch.zeros_like(own)
     if rule.fn_threshold is not None:
-        drop |= usable & (sim > rule.fn_threshold)
+        drop |= usable & ~same & (sim > rule.fn_threshold)
     if rule.fn_topk:
         drop |= _topk_mask(candidates, rule.fn_topk)
     targets = own.float()
@@ -137,7 +171,63 @@ def select_columns(
         positive = _topk_mask(candidates, rule.nn_topk)
         targets = targets + positive.float() * (rule.nn_weight / rule.nn_topk)
         drop &= ~positive
+    if rule.same_group == "drop":
+        drop |= same
+    elif rule.same_group == "positive" and rule.group_weight > 0:
+        n_same = same.sum(1, keepdim=True).clamp_min(1).float()
+        targets = targets + same.float() * (rule.group_weight / n_same)
     return ~drop, targets
+
+
+@torch.no_grad()
+def initial_features(backbone: torch.nn.Module, load, n: int, size: int, device: torch.device,
+                     progress: bool = False) -> torch.Tensor:
+    """N x C unit rows: ``backbone``'s features of each whole image pooled over its mask
+    (``pooled_features``), the fixed similarity space of ``space: init``.
+
+    ``load(i)`` gives image ``i`` (H x W x 3 uint8) and its mask (H x W bool), or raises
+    ``BadInputError`` (that image gets a zero row: it selects and is selected by nothing). Each
+    image is resized so that its shorter side is ``size``. The backbone should be in eval mode.
+    """
+    from tqdm import tqdm
+
+    from stages.data.io import BadInputError
+    from stages.network.runtime import normalize_images
+
+    rows: list[torch.Tensor] = []
+    for i in tqdm(range(n), desc="initial features", unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            image, mask = load(i)
+        except BadInputError:
+            rows.append(None)
+            continue
+        h, w = mask.shape
+        scale = size / min(h, w)
+        hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+        img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device)
+        img = F.interpolate(img.float(), size=hw, mode="bilinear", antialias=True, align_corners=False)
+        img = img.round().clamp(0, 255).to(torch.uint8)
+        m = F.interpolate(torch.from_numpy(np.array(mask, dtype=bool))[None, None].float().to(device), size=hw, mode="area")[:, 0]
+        rows.append(pooled_features(backbone(normalize_images(img)), m > 0.5)[0].cpu())
+    width = next((r.shape[0] for r in rows if r is not None), 0)
+    return torch.stack([r if r is not None else torch.zeros(width) for r in rows]) if rows else torch.zeros(0, 0)
+
+
+def over_cluster(features: torch.Tensor, n_groups: int, seed: int, pca_dim: int = 32) -> torch.Tensor:
+    """(N,) int64 group of each row of ``features`` (k-means with ``n_groups`` clusters in the
+    PCA-whitened space, as ``stages.evaluate.kmeans.fit_discriminant`` over-clusters); -1 for
+    zero rows. Raises ValueError when fewer usable rows than groups."""
+    from stages.evaluate.kmeans import kmeans, pca_whiten
+
+    x = features.double().numpy()
+    valid = np.linalg.norm(x, axis=1) > 0
+    if valid.sum() < n_groups:
+        raise ValueError(f"train.contrast.groups: {n_groups} groups need at least as many training images "
+                         f"with a usable mask, got {int(valid.sum())}")
+    z, _ = pca_whiten(x[valid], pca_dim)
+    out = np.full(len(x), -1, dtype=np.int64)
+    out[valid] = kmeans(z, n_groups, seed, 3).assignment
+    return torch.from_numpy(out)
 
 
 def _anchor_weights(index: torch.Tensor, b: int, hw: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,12 +57,28 @@ class ContrastParams:
     nn_topk: int = opt(0, doc="the columns most similar to the own key prototype become extra positives (NNCLR-style)",
                        check=in_range(0))
     nn_weight: float = opt(1.0, doc="total weight of those extra positives (the own prototype's: 1)", check=in_range(0.0))
-    space: Literal["head", "backbone"] = opt(
-        "head", doc="cosines between the prototypes themselves, or between mask-pooled key backbone features")
+    space: Literal["head", "backbone", "init"] = opt(
+        "head", doc="cosines between the prototypes themselves, between mask-pooled key backbone features, or "
+                    "between the initial network's mask-pooled backbone features of the whole images (fixed)")
     warmup_epochs: int = opt(0, doc="epochs of the plain loss before the rules above apply", check=in_range(0))
+    groups: int = opt(0, doc="over-cluster the images' initial features into this many groups of near-duplicates "
+                             "(e.g. one video's frames; space: init); neighbours come from other groups",
+                      check=in_range(0), since_default=True)
+    same_group: Literal["keep", "drop", "positive"] = opt(
+        "keep", doc="columns of the image's own group: negatives as today, out of the softmax, or positives",
+        since_default=True)
+    group_weight: float = opt(1.0, doc="total weight of the own group's positives (same_group: positive)",
+                              check=in_range(0.0), since_default=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.groups and self.space != "init":
+            raise ParamError(f"needs space: init (groups are made in the initial network's space), got space "
+                             f"{self.space!r}", "groups")
+        if self.groups == 1:
+            raise ParamError("must be 0 (off) or at least 2", "groups")
+        if self.same_group != "keep" and not self.groups:
+            raise ParamError(f"{self.same_group!r} needs groups > 0", "same_group")
 
 
 @dataclass(frozen=True)

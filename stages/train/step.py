@@ -60,10 +60,27 @@ def column_rule(params: TrainParams, epoch: int | None = None) -> ColumnRule | N
     loss (every option off, or ``epoch`` within the warm-up). Without ``epoch``: the rule after it."""
     c = params.contrast
     rule = ColumnRule(fn_threshold=c.fn_threshold, fn_topk=c.fn_topk, nn_topk=c.nn_topk, nn_weight=c.nn_weight,
-                      space=c.space)
+                      space=c.space, same_group=c.same_group, group_weight=c.group_weight)
     if not rule.active or (epoch is not None and epoch <= c.warmup_epochs):
         return None
     return rule
+
+
+@dataclass
+class InitSpace:
+    """``space: init``: one fixed row per training image (``neighbours.initial_features``) and,
+    with ``groups``, its near-duplicate group (``neighbours.over_cluster``), on the step's device."""
+
+    features: torch.Tensor  # N x C unit rows (zero: no usable mask)
+    groups: torch.Tensor | None = None  # N int64 (-1: none)
+
+    def lookup(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows and groups of sample indices (int64; -1: no image, a zero row and group -1)."""
+        known = samples >= 0
+        idx = samples.clamp_min(0)
+        rows = self.features[idx] * known[:, None].to(self.features.dtype)
+        groups = None if self.groups is None else torch.where(known, self.groups[idx], torch.full_like(idx, -1))
+        return rows, groups
 
 
 @dataclass
@@ -82,6 +99,8 @@ class Encoders:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None = None
     space_queue: PrototypeQueue | None = None  # key backbone features, row for row with ``queue``
+    sample_queue: PrototypeQueue | None = None  # K x 1: the image of each ``queue`` row (-1: none)
+    init_space: InitSpace | None = None  # ``space: init``; set by the trainer before the first step
 
     def __post_init__(self) -> None:
         pairs = [(q, k) for q, k in zip(self.model.parameters(), self.key.parameters()) if q.requires_grad]
@@ -114,7 +133,10 @@ def build_encoders(model: MaskContrastModel, params: TrainParams, device: torch.
     if params.contrast.space == "backbone" and column_rule(params) is not None and params.queue_size:
         channels = model.decoder[0].convs[0][0].in_channels  # the backbone's output channels
         space_queue = PrototypeQueue(params.queue_size, channels).to(device)
-    return Encoders(model, model, key, queue, optimizer, scaler, space_queue)
+    sample_queue = None
+    if params.contrast.space == "init" and column_rule(params) is not None and params.queue_size:
+        sample_queue = PrototypeQueue(params.queue_size, 1).to(device)
+    return Encoders(model, model, key, queue, optimizer, scaler, space_queue, sample_queue)
 
 
 @torch.no_grad()
@@ -225,7 +247,7 @@ def train_step(
     enc: Encoders, q_img: torch.Tensor, q_mask: torch.Tensor, k_img: torch.Tensor, k_mask: torch.Tensor,
     *, temperature: float, key_momentum: float, amp_dtype: torch.dtype | None = None,
     shuffle: torch.Generator | None = None, contrastive_fn: Callable[..., torch.Tensor] = contrastive_loss,
-    n_slots: int = 1, rule: ColumnRule | None = None,
+    n_slots: int = 1, rule: ColumnRule | None = None, sample: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a batch; returns detached float32 ``[loss, contrastive, saliency]``.
 
@@ -236,11 +258,15 @@ def train_step(
     is read before and written after the optimiser step; with proposals it takes all of the
     step's proposals (``PrototypeQueue.enqueue(any_count=True)``). ``rule`` (not None, one mask
     per image): the columns and positives of each image's anchors (``neighbours``) instead of
-    ``contrastive_fn``.
+    ``contrastive_fn``. ``sample``: int64 B, the image of each row (``data``'s item), which
+    ``space: init`` needs (``enc.init_space``); the queue then keeps them beside its rows.
     """
     proposals = q_mask.dtype != torch.bool
-    if proposals and (rule is not None or enc.space_queue is not None):
+    if proposals and (rule is not None or enc.space_queue is not None or enc.sample_queue is not None):
         raise ValueError("train.contrast needs one mask per image; it is not implemented for proposals")
+    if (enc.sample_queue is not None or (rule is not None and rule.space == "init")) and (
+            enc.init_space is None or sample is None):
+        raise ValueError("train.contrast.space: init needs enc.init_space and the batch's sample indices")
     q_in = normalize_images(q_img)
     device_type = q_in.device.type
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -264,11 +290,19 @@ def train_step(
             loss_c = contrastive_fn(q_emb, q_mask, protos, negatives, temperature, valid)
             loss_s = balanced_bce(q_sal, q_mask)
         else:
-            memory = None
+            memory = groups = None
             if rule.space == "backbone":
                 memory = (pooled[0], enc.space_queue.negatives() if enc.space_queue is not None
                           else pooled[0].new_zeros((0, pooled[0].shape[1])))
-            keep, targets = select_columns(protos, negatives, rule, space=memory)
+            elif rule.space == "init":
+                mine = torch.where(valid, sample.to(valid.device), torch.full_like(sample.to(valid.device), -1))
+                theirs = (enc.sample_queue.negatives()[:, 0].round().long() if enc.sample_queue is not None
+                          else mine.new_zeros(0))
+                (rows, own_groups), (q_rows, q_groups) = enc.init_space.lookup(mine), enc.init_space.lookup(theirs)
+                memory = (rows, q_rows)
+                if own_groups is not None:
+                    groups = (own_groups, q_groups)
+            keep, targets = select_columns(protos, negatives, rule, space=memory, groups=groups)
             loss_c = contrastive_loss_targets(q_emb, q_mask, protos, negatives, temperature, keep, targets, valid)
             loss_s = balanced_bce(q_sal, q_mask)
     loss = loss_c.float() + loss_s.float()
@@ -284,4 +318,7 @@ def train_step(
         enc.queue.enqueue(all_protos, any_count=proposals)
     if enc.space_queue is not None:  # also during a warm-up: row for row with the prototype queue
         enc.space_queue.enqueue(pooled[1])
+    if enc.sample_queue is not None:  # likewise; invalid prototypes (zero rows) are no image
+        mine = torch.where(valid, sample.to(valid.device), torch.full_like(sample.to(valid.device), -1))
+        enc.sample_queue.enqueue(D.all_gather_tensor(mine.float()[:, None]))
     return torch.stack([loss.detach(), loss_c.detach().float(), loss_s.detach().float()])

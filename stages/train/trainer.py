@@ -71,7 +71,8 @@ from .data import (
 )
 from .params import AugmentParams, ContrastParams, TrainParams
 from .plot import plot_loss_curve
-from .step import Encoders, build_encoders, column_rule, model_config, train_step
+from .neighbours import initial_features, over_cluster
+from .step import Encoders, InitSpace, build_encoders, column_rule, model_config, train_step
 
 LR_POWER = 0.9
 # Parameters that do not change the result (``stages.bookkeeping``): a checkpoint written under
@@ -226,6 +227,8 @@ class Trainer:
             enc.queue.load_state_dict(state["queue"])
         if enc.space_queue is not None:
             enc.space_queue.load_state_dict(state["space_queue"])
+        if enc.sample_queue is not None:
+            enc.sample_queue.load_state_dict(state["sample_queue"])
         # Optimiser state is adopted as is (no copy): clone it off the memory-mapped file.
         enc.optimizer.load_state_dict(_clone_tensors(state["optimizer"]))
         if enc.scaler is not None and state.get("scaler"):
@@ -277,8 +280,11 @@ class Trainer:
             D.barrier()
             return {**self._summary(complete=True, n_images=len(self.samples), seconds=0.0), **common}
 
+        init_space = self._init_space(model, store, device, main) if p.contrast.space == "init" and \
+            column_rule(p) is not None else None  # from the initial weights, before any checkpoint loads
         torch.manual_seed(derive_seed(p.seed, _TORCH_STREAM, info.rank))  # this rank's dropout stream
         enc = build_encoders(model, p, device, amp_dtype)
+        enc.init_space = init_space
         self.enc = enc
         self._resume(enc, info, found)
         del found  # release the checkpoint's tensors
@@ -311,7 +317,34 @@ class Trainer:
                             history=self.history)
             plot_loss_curve(self.out_dir / LOG_FILE, self.out_dir / LOSS_CURVE_FILE)
         D.barrier()
-        return {**self._summary(complete, len(self.samples), time.perf_counter() - started), **common}
+        return {**self._summary(complete, len(self.samples), time.perf_counter() - started), **common,
+                **({"init_space": self.init_space_report} if init_space is not None else {})}
+
+    def _init_space(self, model: MaskContrastModel, store: MaskStore, device: torch.device, main: bool) -> InitSpace:
+        """``train.contrast.space: init``: the initial network's mask-pooled backbone features of
+        every training image (shorter side ``crop_size``) and, with ``groups``, their over-clustering
+        (seeded by ``seed``). Every rank computes the same rows (deterministic, no exchange)."""
+        p = self.params
+        started = time.perf_counter()
+        dataset = TwoViewDataset(self.samples, store, p.seed)
+
+        def load(i: int) -> tuple[np.ndarray, np.ndarray]:
+            image, mask = dataset._load(i)
+            return np.asarray(image), np.asarray(mask) > 0
+
+        was_training = model.training
+        model.to(device).eval()
+        try:
+            features = initial_features(model.backbone, load, len(self.samples), p.crop_size, device,
+                                        progress=self.progress and main)
+        finally:
+            model.train(was_training)
+        groups = over_cluster(features, p.contrast.groups, p.seed) if p.contrast.groups else None
+        usable = int((features.norm(dim=1) > 0).sum()) if features.numel() else 0
+        self.init_space_report = {"images": len(self.samples), "usable": usable, "dim": int(features.shape[1]),
+                                  "groups": p.contrast.groups,
+                                  "seconds": round(time.perf_counter() - started, 2)}
+        return InitSpace(features.to(device), None if groups is None else groups.to(device))
 
     def _loop(self, enc: Encoders, loader, info: D.DistInfo, device: torch.device,
               amp_dtype: torch.dtype | None, steps_per_epoch: int, last: int, log, bar, n_slots: int = 1) -> None:
@@ -327,7 +360,7 @@ class Trainer:
             lr = poly_lr(p.lr, epoch, p.epochs)
             for group in enc.optimizer.param_groups:
                 group["lr"] = lr
-            q_img, q_mask, k_img, k_mask, item_stats = next(batches)
+            q_img, q_mask, k_img, k_mask, item_stats, sample = next(batches)
             got = time.perf_counter()
             shuffle = (torch.Generator().manual_seed(derive_seed(p.seed, _SHUFFLE_STREAM, step))
                        if info.distributed else None)
@@ -335,7 +368,7 @@ class Trainer:
                 enc, q_img.to(device, non_blocking=True), q_mask.to(device, non_blocking=True),
                 k_img.to(device, non_blocking=True), k_mask.to(device, non_blocking=True),
                 temperature=p.temperature, key_momentum=p.key_momentum, amp_dtype=amp_dtype, shuffle=shuffle,
-                n_slots=n_slots, rule=column_rule(p, epoch))
+                n_slots=n_slots, rule=column_rule(p, epoch), sample=sample.to(device, non_blocking=True))
             reduced = torch.cat([losses.double().cpu(), item_stats.sum(0).double()])
             if info.distributed:  # one collective: mean losses, summed data counts
                 reduced = D.all_reduce_mean(reduced.to(device)).cpu()
@@ -386,6 +419,7 @@ class Trainer:
                 "model": cpu_state_dict(enc.model), "key": cpu_state_dict(enc.key),
                 "queue": cpu_state_dict(enc.queue) if enc.queue is not None else None,
                 **({"space_queue": cpu_state_dict(enc.space_queue)} if enc.space_queue is not None else {}),
+                **({"sample_queue": cpu_state_dict(enc.sample_queue)} if enc.sample_queue is not None else {}),
                 "optimizer": enc.optimizer.state_dict(),
                 "scaler": enc.scaler.state_dict() if enc.scaler is not None else None,
                 "rng": rng, "samples": samples_fingerprint(self.samples),

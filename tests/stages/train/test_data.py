@@ -147,7 +147,7 @@ def _fg_ok(mask: torch.Tensor) -> bool:
 def test_items_are_two_aligned_views_with_accepted_foreground(tmp_path: Path) -> None:
     samples, store = _write_set(tmp_path, [_square(), _square(y=2, x=20)])
     ds = TwoViewDataset(samples, store, seed=0, aug=NO_COLOUR)
-    q_img, q_mask, k_img, k_mask, stats = ds[(1, 0)]
+    q_img, q_mask, k_img, k_mask, stats, sample = ds[(1, 0)]
     assert q_img.shape == k_img.shape == (3, 32, 32) and q_img.dtype == torch.uint8
     assert q_mask.shape == k_mask.shape == (32, 32) and q_mask.dtype == torch.bool
     assert _fg_ok(q_mask) and _fg_ok(k_mask)
@@ -156,6 +156,7 @@ def test_items_are_two_aligned_views_with_accepted_foreground(tmp_path: Path) ->
         red = img[0].numpy() == 255
         assert not ((red != mask.numpy()) & ~_boundary(mask.numpy())).any()
     assert stats[1:].tolist() == [0, 0]  # no image replaced, none unreadable
+    assert sample.item() == 0  # the views come from the image asked for
 
 
 def test_an_image_with_an_empty_mask_is_replaced_and_counted(tmp_path: Path) -> None:
@@ -163,8 +164,9 @@ def test_an_image_with_an_empty_mask_is_replaced_and_counted(tmp_path: Path) -> 
     samples, store = _write_set(tmp_path, masks)
     ds = TwoViewDataset(samples, store, seed=0, aug=NO_COLOUR)
     for epoch in range(5):
-        q_img, q_mask, k_img, k_mask, stats = ds[(epoch, 1)]
+        q_img, q_mask, k_img, k_mask, stats, sample = ds[(epoch, 1)]
         assert stats.tolist() == [0, 1, 0]  # replaced at once: no crop of an empty mask can pass
+        assert sample.item() in (0, 2)  # the item names its replacement, not the empty image
         assert _fg_ok(q_mask) and _fg_ok(k_mask)
         again = ds[(epoch, 1)]
         assert torch.equal(q_img, again[0]) and torch.equal(k_mask, again[3])  # the same replacement
@@ -188,7 +190,7 @@ def test_small_objects_are_redrawn_then_replaced(tmp_path: Path) -> None:
 def test_unreadable_images_are_replaced_and_counted(tmp_path: Path) -> None:
     samples, store = _write_set(tmp_path, [_stripes(), _stripes(period=3), _stripes(period=5)], corrupt=(1,))
     ds = TwoViewDataset(samples, store, seed=0, aug=NO_COLOUR)
-    *_, stats = ds[(0, 1)]
+    *_, stats, _ = ds[(0, 1)]
     assert stats.tolist() == [0, 0, 1]
 
 

@@ -19,6 +19,8 @@ from stages.train.neighbours import (
     ColumnRule,
     contrastive_loss_targets,
     contrastive_loss_targets_naive,
+    initial_features,
+    over_cluster,
     pooled_features,
     select_columns,
 )
@@ -97,7 +99,7 @@ def test_rule_rejects_bad_values() -> None:
     with pytest.raises(ParamError, match="must be >= 0.0, got -1") as info:
         TrainParams(contrast={"nn_topk": 2, "nn_weight": -1})
     assert info.value.key == "contrast.nn_weight"
-    with pytest.raises(ParamError, match="contrast.space: expected one of 'head', 'backbone', got 'trunk'"):
+    with pytest.raises(ParamError, match="contrast.space: expected one of 'head', 'backbone', 'init', got 'trunk'"):
         TrainParams(contrast={"space": "trunk"})
     assert not ColumnRule().active and not ColumnRule(nn_weight=2.0).active and ColumnRule(fn_topk=1).active
 
@@ -295,6 +297,143 @@ def test_two_processes_keep_the_feature_queue_aligned_with_the_prototype_queue(d
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert torch.equal(ranks[0]["space"], ranks[1]["space"]) and torch.equal(ranks[0]["queue"], ranks[1]["queue"])
     assert (ranks[0]["space"].norm(dim=1) > 0.99).all()
+
+
+# --------------------------------------------------------------------------- groups of near-duplicates
+
+
+def _select_naive(sim, usable, same, rule):
+    """select_columns's group rule written out column by column (the reference)."""
+    b, n = sim.shape
+    keep = torch.ones(b, n, dtype=torch.bool)
+    targets = torch.zeros(b, n)
+    for i in range(b):
+        targets[i, i] = 1.0
+        others = [j for j in range(n) if usable[i, j] and not same[i, j]]
+        ranked = sorted(others, key=lambda j: -sim[i, j].item())
+        for j in ranked[:rule.fn_topk]:
+            keep[i, j] = False
+        for j in ranked[:rule.nn_topk]:
+            keep[i, j] = True
+            targets[i, j] += rule.nn_weight / rule.nn_topk
+        mates = [j for j in range(n) if same[i, j]]
+        for j in mates:
+            if rule.same_group == "drop":
+                keep[i, j] = False
+            elif rule.same_group == "positive":
+                targets[i, j] += rule.group_weight / len(mates)
+    return keep, targets
+
+
+@pytest.mark.parametrize("rule", [
+    ColumnRule(same_group="drop", space="init"),
+    ColumnRule(same_group="positive", group_weight=0.5, space="init"),
+    ColumnRule(same_group="drop", nn_topk=2, nn_weight=1.0, space="init"),
+    ColumnRule(same_group="keep", fn_topk=3, space="init"),
+])
+def test_groups_select_as_the_column_by_column_reference(rule: ColumnRule) -> None:
+    space_b, space_q, cls = _planted(n_classes=3, per_class_batch=2, per_class_queue=4, noise=0.3, seed=2)
+    protos, queue = (F.normalize(torch.randn(n, 8, generator=torch.Generator().manual_seed(n)), dim=1)
+                     for n in (space_b.shape[0], space_q.shape[0]))
+    queue[3], space_q[3] = 0.0, 0.0  # a queue row of an empty mask (its space row is zero too)
+    groups = torch.tensor([0, 0, 1, 1, 2, 3] + [0, 1, 2, 3] * 3)  # images' groups, not the classes
+    groups[len(space_b) + 5] = -1  # a queue row whose image is unknown
+    b = space_b.shape[0]
+    keep, targets = select_columns(protos, queue, rule, space=(space_b, space_q), groups=(groups[:b], groups[b:]))
+    columns = torch.cat([space_b, space_q])
+    sim = space_b @ columns.t()
+    usable = (columns.norm(dim=1) > 0)[None, :].expand(b, -1).clone()
+    usable[torch.arange(b), torch.arange(b)] = False
+    same = usable & (groups[:b, None] == groups[None, :])
+    want_keep, want_targets = _select_naive(sim, usable, same, rule)
+    assert torch.equal(keep, want_keep) and torch.allclose(targets, want_targets)
+
+
+def test_dropping_the_own_group_removes_the_planted_near_duplicates_and_only_them() -> None:
+    """Planted videos: each image's own-video columns (its near-duplicates) leave the softmax;
+    the same-class columns of other videos stay, and cross-group neighbours are never its own video."""
+    space_b, space_q, cls = _planted(noise=0.02)
+    b = space_b.shape[0]
+    video = torch.cat([torch.arange(b) // 2, torch.arange(space_q.shape[0]) % (b // 2)])  # one video per class
+    protos, queue = space_b.clone(), space_q.clone()
+    keep, targets = select_columns(protos, queue, ColumnRule(same_group="drop", nn_topk=1, nn_weight=1.0,
+                                                              space="init"),
+                                   space=(space_b, space_q), groups=(video[:b], video[b:]))
+    own = torch.eye(b, video.numel(), dtype=torch.bool)
+    same_video = (video[:b, None] == video[None, :]) & ~own
+    assert not keep[same_video].any() and keep[~same_video].all()
+    assert not (targets.bool() & same_video).any()  # the extra positive is from another video
+
+
+def test_initial_features_pool_each_image_over_its_mask_and_skip_bad_images() -> None:
+    from stages.data.io import BadInputError
+
+    class Mean(torch.nn.Module):  # a 'backbone' whose features are the normalised pixels
+        def forward(self, x):
+            return x
+
+    images = [torch.full((20, 30, 3), v, dtype=torch.uint8).numpy() for v in (10, 200)]
+    masks = [torch.zeros(20, 30, dtype=torch.bool).numpy() for _ in images]
+    masks[0][5:15, 5:15] = True
+    masks[1][:, :] = True
+
+    def load(i):
+        if i == 2:
+            raise BadInputError("img2.jpg", "unreadable")
+        return images[i], masks[i]
+
+    rows = initial_features(Mean(), load, 3, 10, torch.device("cpu"))
+    assert rows.shape == (3, 3) and torch.allclose(rows[:2].norm(dim=1), torch.ones(2))
+    assert torch.equal(rows[2], torch.zeros(3))  # the unreadable image: a zero row
+
+
+def test_over_cluster_finds_planted_groups_and_refuses_too_few_images() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 64, generator=g) * 5
+    rows = F.normalize(centres.repeat_interleave(6, 0) + 0.1 * torch.randn(24, 64, generator=g), dim=1)
+    rows[7] = 0.0
+    groups = over_cluster(rows, 4, seed=0, pca_dim=8)
+    assert groups[7] == -1
+    for c in range(4):
+        members = [i for i in range(c * 6, c * 6 + 6) if i != 7]
+        assert len(set(groups[members].tolist())) == 1
+    assert len(set(groups.tolist()) - {-1}) == 4
+    with pytest.raises(ValueError, match="30 groups need at least as many training images"):
+        over_cluster(rows, 30, seed=0)
+
+
+def test_group_keys_are_checked() -> None:
+    with pytest.raises(ParamError, match="contrast.groups: needs space: init"):
+        TrainParams(contrast={"groups": 4})
+    with pytest.raises(ParamError, match="contrast.same_group: 'drop' needs groups > 0"):
+        TrainParams(contrast={"same_group": "drop", "space": "init"})
+    with pytest.raises(ParamError, match="contrast.groups: must be 0"):
+        TrainParams(contrast={"groups": 1, "space": "init"})
+    p = TrainParams(contrast={"groups": 4, "space": "init", "same_group": "positive", "group_weight": 2.0})
+    assert step.column_rule(p) == ColumnRule(nn_weight=1.0, space="init", same_group="positive", group_weight=2.0)
+
+
+def test_init_space_trains_and_resumes_exactly(data, tmp_path) -> None:
+    """Fixed initial features and groups: the image queue is checkpointed beside the prototype
+    queue, and the features come from the initial weights on a resumed run too."""
+    samples, masks = data
+    params = dataclasses.replace(TINY, epochs=2, keep_last=2,
+                                 contrast={"space": "init", "groups": 3, "same_group": "drop", "nn_topk": 1,
+                                           "warmup_epochs": 1})
+    samples = samples[:8]  # 2 steps per epoch
+    full = train(params, samples, masks, tmp_path / "full", progress=False)
+    part = train(params, samples, masks, tmp_path / "run", progress=False, max_steps=2)
+    assert full["complete"] and not part["complete"]
+    assert full["init_space"]["images"] == 8 and full["init_space"]["groups"] == 3
+    train(params, samples, masks, tmp_path / "run", progress=False)
+    a, b = (_state(tmp_path / run / "checkpoints" / "epoch-0002.pt") for run in ("full", "run"))
+    for part_name in ("model", "queue", "sample_queue"):
+        for name in a[part_name]:
+            assert torch.equal(a[part_name][name], b[part_name][name]), (part_name, name)
+    images = a["sample_queue"]["queue"][:, 0]
+    assert images.shape == (8,) and ((images >= -1) & (images < 8)).all() and (images == images.round()).all()
+    today = train(dataclasses.replace(params, contrast={}), samples, masks, tmp_path / "today", progress=False)
+    assert today["loss"] != full["loss"]  # the rule acts in epoch 2
 
 
 def test_the_routes_refuse_proposal_label_maps() -> None:

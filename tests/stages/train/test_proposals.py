@@ -204,7 +204,7 @@ def test_two_proposals_label_both_views_alike(two_object_data):
                         proposals=True)
     seen = set()
     for index in range(len(samples)):
-        _, q, _, k, _ = ds[(1, index)]
+        _, q, _, k, _, _ = ds[(1, index)]
         n = int(proposal_counts(q[None], 254)[0])
         assert n >= 1 and int(proposal_counts(k[None], 254)[0]) == n
         for label in range(1, n + 1):
