@@ -37,21 +37,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from demo_spread import cli, run_seed  # noqa: E402  (benchmarks/ is this script's directory)
+from demo_spread import IMAGENET, IMAGENET_SETS, cli, run_seed  # noqa: E402  (benchmarks/ is this script's directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("single", "components")
-SHARED = Path(os.environ.get("MASKCONTRAST_SHARED", ROOT.parent / "shared"))
-IMAGENET = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 _FEATURES = ["masks.method=features", f"masks.features.init={IMAGENET}"]
-_IMAGENET = ["train.backbone=mobilenet_v2", f"train.init={IMAGENET}", "train.init_kind=torchvision",
-             "train.freeze_early=true", "train.lr=0.01", "train.temperature=0.5", "train.key_momentum=0.999"]
+_IMAGENET = IMAGENET_SETS
 ROUTES = {"priors": [], "features": _FEATURES, "imagenet": _IMAGENET, "features-imagenet": [*_FEATURES, *_IMAGENET],
           "clean": ["masks.method=import"]}  # + masks.import_dir, written by clean_masks
 

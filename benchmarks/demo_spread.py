@@ -9,6 +9,7 @@ training seeds and the margin of K-means over the colour baseline.
 
     python benchmarks/demo_spread.py --store store-spread --seeds 0,1,2
     python benchmarks/demo_spread.py --config pipeline.yaml --set train.epochs=2 --seeds 0,1
+    python benchmarks/demo_spread.py --imagenet --seeds 0,1,2,3,4   # from ImageNet weights (IMAGENET_SETS)
 
 Complete versions are skipped as in any run, so a second call only reads the reports. The demo
 data is written to ``--data`` (``python -m pipeline data make-demo DIR``) when it is not there.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -27,6 +29,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MASKCONTRAST_SHARED", ROOT.parent / "shared"))
+IMAGENET = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+# the network from ImageNet weights with the davis16 preset's backbone settings (MobileNetV2,
+# torchvision init, early layers frozen, lr 0.01, temperature 0.5, key momentum 0.999)
+IMAGENET_SETS = ["train.backbone=mobilenet_v2", f"train.init={IMAGENET}", "train.init_kind=torchvision",
+                 "train.freeze_early=true", "train.lr=0.01", "train.temperature=0.5", "train.key_momentum=0.999"]
 
 
 def default_config() -> Path:
@@ -119,8 +127,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override passed to every run (repeatable)")
+    ap.add_argument("--imagenet", action="store_true",
+                    help="train from the ImageNet MobileNetV2 (IMAGENET_SETS, before --set) instead of random weights")
     ap.add_argument("--json", type=Path, default=None, help="also write the per-seed figures here")
     a = ap.parse_args()
+    if a.imagenet:
+        if not IMAGENET.is_file():
+            raise SystemExit(f"--imagenet: {IMAGENET} not found (set MASKCONTRAST_SHARED to the folder holding weights/)")
+        a.sets = [*IMAGENET_SETS, *a.sets]
     config = (a.config or default_config()).resolve()
     store, data = a.store.resolve(), a.data.resolve()
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]

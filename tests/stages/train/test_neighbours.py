@@ -436,6 +436,29 @@ def test_init_space_trains_and_resumes_exactly(data, tmp_path) -> None:
     assert today["loss"] != full["loss"]  # the rule acts in epoch 2
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_keep_the_image_queue_aligned_with_the_prototype_queue(data, tmp_path) -> None:
+    """``space: init``: both ranks compute the same initial features and groups, and gather the
+    images of the step's prototypes like the prototypes: the same, full image queue on both."""
+    from tests.stages.train.test_distributed import WORKER, run_two_ranks
+
+    samples, masks = data
+    params = dict(backbone="resnet18", epochs=1, batch_size=4, queue_size=8, crop_size=32, embedding_dim=8,
+                  lr=0.05, num_workers=0, device="cpu", seed=1,
+                  contrast={"nn_topk": 1, "space": "init", "groups": 2, "same_group": "drop"})
+    spec = {"samples": [(s.id, str(s.image)) for s in samples[:8]], "masks": str(masks), "out": str(tmp_path / "out"),
+            "dump": str(tmp_path), "params": params}
+    run_two_ranks(tmp_path, WORKER.replace(
+        '"queue": trainer.enc.queue.queue.clone(),',
+        '"queue": trainer.enc.queue.queue.clone(), "images": trainer.enc.sample_queue.queue.clone(), '
+        '"groups": trainer.enc.init_space.groups.clone(),'), spec)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ("images", "groups", "queue"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert sorted(ranks[0]["images"][:, 0].long().tolist()) == sorted(set(ranks[0]["images"][:, 0].long().tolist()))
+
+
 def test_the_routes_refuse_proposal_label_maps() -> None:
     labels = torch.ones(2, 8, 8, dtype=torch.uint8)
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
