@@ -7,11 +7,14 @@ For each extract artifact given (``STORE/extract/<version>``, made by ``bench_da
   neighbours (cosine) of its class and of its own video sequence (the id before the last ``_``),
   and of its class among the 4 nearest outside its own sequence;
 - cosine quantiles of same-sequence and other-sequence pairs (can a threshold find near-duplicates?);
+- with ``--groups G,...``: the near-duplicate groups of ``train.contrast.groups`` (the train
+  stage's ``over_cluster`` of these prototypes, 3 seeds): their video purity and the share of
+  same-video pairs that share a group;
 - image-level K-means on a split's prototypes (PCA-whiten 32, k = 10 foreground classes, seeds
   1234-1238, Hungarian matching to each image's majority label class): a cheap proxy for choosing
   the clustered space (head or backbone) on the train split, printed for train and val.
 
-    python benchmarks/bench_davis_neighbours.py STORE/extract/<version> [...] [--data PATH]
+    python benchmarks/bench_davis_neighbours.py STORE/extract/<version> [...] [--data PATH] [--groups 24,30]
 """
 from __future__ import annotations
 
@@ -64,6 +67,22 @@ def neighbour_structure(p: np.ndarray, cls: np.ndarray, seq: np.ndarray) -> str:
     return "; ".join(parts)
 
 
+def group_structure(p: np.ndarray, seq: np.ndarray, n_groups: int, seeds=(0, 1, 2)) -> str:
+    """Video purity of ``over_cluster``'s groups and the share of same-video pairs they keep together."""
+    import torch
+
+    from stages.train.neighbours import over_cluster
+
+    same = (seq[:, None] == seq[None, :]) & ~np.eye(len(seq), dtype=bool)
+    purity, kept = [], []
+    for seed in seeds:
+        g = over_cluster(torch.from_numpy(p), n_groups, seed).numpy()
+        purity.append(sum(np.unique(seq[g == c], return_counts=True)[1].max() for c in np.unique(g)) / len(g))
+        kept.append((same & (g[:, None] == g[None, :])).sum() / same.sum())
+    return (f"{n_groups} groups: video purity {np.mean(purity):.2f} [{min(purity):.2f}-{max(purity):.2f}], "
+            f"same-video pairs in one group {np.mean(kept):.2f} [{min(kept):.2f}-{max(kept):.2f}]")
+
+
 def image_kmeans(p: np.ndarray, cls: np.ndarray, k: int = 10, seeds=range(1234, 1239)) -> tuple[float, float]:
     z, _ = pca_whiten(p, 32)
     scores = []
@@ -80,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("extracts", nargs="+", type=Path)
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "davis16-objects")
+    ap.add_argument("--groups", default="", help="near-duplicate group counts to read, comma-separated")
     args = ap.parse_args()
     labels = args.data / "labels"
     for extract in args.extracts:
@@ -87,6 +107,8 @@ def main() -> None:
         name = f"{extract.name} ({manifest['params'].get('embedding')}, {manifest['inputs'].get('train')})"
         p, cls, seq = split_prototypes(extract, "train", labels)
         print(f"{name} train neighbours: {neighbour_structure(p, cls, seq)}")
+        for g in filter(None, args.groups.split(",")):
+            print(f"{name} train {group_structure(p, seq, int(g))}", flush=True)
         for split in ("train", "val"):
             p, cls, _ = split_prototypes(extract, split, labels)
             mean, std = image_kmeans(p, cls)
