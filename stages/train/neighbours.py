@@ -49,7 +49,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from stages.data import BadInputError
+from stages.network.runtime import normalize_images
+
+from .data import TrainDataError
 from .loss import DEFAULT_CHUNK_SIZE, _anchor_mask, _check_shapes
 
 SPACES = ("head", "backbone", "init")
@@ -189,11 +194,6 @@ def initial_features(backbone: torch.nn.Module, load, n: int, size: int, device:
     ``BadInputError`` (that image gets a zero row: it selects and is selected by nothing). Each
     image is resized so that its shorter side is ``size``. The backbone should be in eval mode.
     """
-    from tqdm import tqdm
-
-    from stages.data.io import BadInputError
-    from stages.network.runtime import normalize_images
-
     rows: list[torch.Tensor] = []
     for i in tqdm(range(n), desc="initial features", unit="img", disable=not progress, dynamic_ncols=True):
         try:
@@ -207,7 +207,8 @@ def initial_features(backbone: torch.nn.Module, load, n: int, size: int, device:
         img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].to(device)
         img = F.interpolate(img.float(), size=hw, mode="bilinear", antialias=True, align_corners=False)
         img = img.round().clamp(0, 255).to(torch.uint8)
-        m = F.interpolate(torch.from_numpy(np.array(mask, dtype=bool))[None, None].float().to(device), size=hw, mode="area")[:, 0]
+        m = torch.from_numpy(np.array(mask, dtype=np.float32))[None, None].to(device)
+        m = F.interpolate(m, size=hw, mode="area")[:, 0]
         rows.append(pooled_features(backbone(normalize_images(img)), m > 0.5)[0].cpu())
     width = next((r.shape[0] for r in rows if r is not None), 0)
     return torch.stack([r if r is not None else torch.zeros(width) for r in rows]) if rows else torch.zeros(0, 0)
@@ -216,13 +217,13 @@ def initial_features(backbone: torch.nn.Module, load, n: int, size: int, device:
 def over_cluster(features: torch.Tensor, n_groups: int, seed: int, pca_dim: int = 32) -> torch.Tensor:
     """(N,) int64 group of each row of ``features`` (k-means with ``n_groups`` clusters in the
     PCA-whitened space, as ``stages.evaluate.kmeans.fit_discriminant`` over-clusters); -1 for
-    zero rows. Raises ValueError when fewer usable rows than groups."""
-    from stages.evaluate.kmeans import kmeans, pca_whiten
+    zero rows. Raises TrainDataError when fewer usable rows than groups."""
+    from stages.evaluate.kmeans import kmeans, pca_whiten  # faiss: loaded only with groups
 
     x = features.double().numpy()
     valid = np.linalg.norm(x, axis=1) > 0
     if valid.sum() < n_groups:
-        raise ValueError(f"train.contrast.groups: {n_groups} groups need at least as many training images "
+        raise TrainDataError(f"train.contrast.groups: {n_groups} groups need at least as many training images "
                          f"with a usable mask, got {int(valid.sum())}")
     z, _ = pca_whiten(x[valid], pca_dim)
     out = np.full(len(x), -1, dtype=np.int64)

@@ -269,6 +269,7 @@ def train_step(
         raise ValueError("train.contrast.space: init needs enc.init_space and the batch's sample indices")
     q_in = normalize_images(q_img)
     device_type = q_in.device.type
+    mine = None  # space: init: the image of each of this rank's prototypes (-1: an invalid one)
     with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         q_emb, q_sal = enc.forward(q_in)  # B x D x H x W, B x 1 x H x W
         with torch.no_grad():
@@ -279,6 +280,9 @@ def train_step(
             else:
                 space = (rule is not None and rule.space == "backbone") or enc.space_queue is not None
                 protos, valid, all_protos, *pooled = key_prototypes(enc.key, k_img, k_mask, shuffle, space=space)
+                if sample is not None:
+                    sample = sample.to(valid.device)
+                    mine = torch.where(valid, sample, torch.full_like(sample, -1))
         if enc.queue is not None:
             negatives = enc.queue.negatives()  # filled x D
         else:
@@ -295,7 +299,6 @@ def train_step(
                 memory = (pooled[0], enc.space_queue.negatives() if enc.space_queue is not None
                           else pooled[0].new_zeros((0, pooled[0].shape[1])))
             elif rule.space == "init":
-                mine = torch.where(valid, sample.to(valid.device), torch.full_like(sample.to(valid.device), -1))
                 theirs = (enc.sample_queue.negatives()[:, 0].round().long() if enc.sample_queue is not None
                           else mine.new_zeros(0))
                 (rows, own_groups), (q_rows, q_groups) = enc.init_space.lookup(mine), enc.init_space.lookup(theirs)
@@ -319,6 +322,5 @@ def train_step(
     if enc.space_queue is not None:  # also during a warm-up: row for row with the prototype queue
         enc.space_queue.enqueue(pooled[1])
     if enc.sample_queue is not None:  # likewise; invalid prototypes (zero rows) are no image
-        mine = torch.where(valid, sample.to(valid.device), torch.full_like(sample.to(valid.device), -1))
         enc.sample_queue.enqueue(D.all_gather_tensor(mine.float()[:, None]))
     return torch.stack([loss.detach(), loss_c.detach().float(), loss_s.detach().float()])

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from stages.params import ParamError
 from stages.train import TrainParams, train
+from stages.train.data import TrainDataError
 from stages.train.params import ContrastParams
 from stages.train import step, trainer
 from stages.train.loss import contrastive_loss, contrastive_loss_naive
@@ -398,7 +399,7 @@ def test_over_cluster_finds_planted_groups_and_refuses_too_few_images() -> None:
         members = [i for i in range(c * 6, c * 6 + 6) if i != 7]
         assert len(set(groups[members].tolist())) == 1
     assert len(set(groups.tolist()) - {-1}) == 4
-    with pytest.raises(ValueError, match="30 groups need at least as many training images"):
+    with pytest.raises(TrainDataError, match="train.contrast.groups: 30 groups need at least as many training images"):
         over_cluster(rows, 30, seed=0)
 
 
