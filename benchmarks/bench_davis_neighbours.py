@@ -8,7 +8,7 @@ For each extract artifact given (``STORE/extract/<version>``, made by ``bench_da
   and of its class among the 4 nearest outside its own sequence;
 - cosine quantiles of same-sequence and other-sequence pairs (can a threshold find near-duplicates?);
 - with ``--groups G,...``: the near-duplicate groups of ``train.contrast.groups`` (the train
-  stage's ``over_cluster`` of these prototypes, 3 seeds): their video purity and the share of
+  stage's ``near_duplicate_groups`` of these prototypes, 3 seeds): their video purity and the share of
   same-video pairs that share a group;
 - image-level K-means on a split's prototypes (PCA-whiten 32, k = 10 foreground classes, seeds
   1234-1238, Hungarian matching to each image's majority label class): a cheap proxy for choosing
@@ -68,15 +68,15 @@ def neighbour_structure(p: np.ndarray, cls: np.ndarray, seq: np.ndarray) -> str:
 
 
 def group_structure(p: np.ndarray, seq: np.ndarray, n_groups: int, seeds=(0, 1, 2)) -> str:
-    """Video purity of ``over_cluster``'s groups and the share of same-video pairs they keep together."""
+    """Video purity of ``near_duplicate_groups`` and the share of same-video pairs they keep together."""
     import torch
 
-    from stages.train.neighbours import over_cluster
+    from stages.train.neighbours import near_duplicate_groups
 
     same = (seq[:, None] == seq[None, :]) & ~np.eye(len(seq), dtype=bool)
     purity, kept = [], []
     for seed in seeds:
-        g = over_cluster(torch.from_numpy(p), n_groups, seed).numpy()
+        g = near_duplicate_groups(torch.from_numpy(p), n_groups, seed).numpy()
         purity.append(sum(np.unique(seq[g == c], return_counts=True)[1].max() for c in np.unique(g)) / len(g))
         kept.append((same & (g[:, None] == g[None, :])).sum() / same.sum())
     return (f"{n_groups} groups: video purity {np.mean(purity):.2f} [{min(purity):.2f}-{max(purity):.2f}], "

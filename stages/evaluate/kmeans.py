@@ -154,6 +154,14 @@ def discriminant_directions(x: np.ndarray, groups: np.ndarray, reg: float = 0.1)
     return dirs * np.where(flip == 0, 1.0, flip)[None, :]
 
 
+def over_cluster(x: np.ndarray, n_groups: int, *, pca_dim: int = 32, seed: int = 0, n_init: int = 3) -> np.ndarray:
+    """(N,) int64 group of each row of x (N, D): k-means with ``n_groups`` (many more than the
+    classes) clusters in the PCA-whitened space (``pca_dim``). The groups of
+    :func:`fit_discriminant` and of the train stage's near-duplicate groups."""
+    z, _ = pca_whiten(np.asarray(x, dtype=np.float64), pca_dim)
+    return kmeans(z, int(n_groups), seed, n_init).assignment
+
+
 def fit_discriminant(x: np.ndarray, n_groups: int, *, reg: float = 0.1, pca_dim: int = 32, seed: int = 0,
                      n_init: int = 3) -> PCAWhitening:
     """A label-free discriminant space for K-means, fitted on prototypes x (N, D) (e.g. the train
@@ -173,8 +181,7 @@ def fit_discriminant(x: np.ndarray, n_groups: int, *, reg: float = 0.1, pca_dim:
     n_groups = int(n_groups)
     if not 2 <= n_groups <= x.shape[0]:
         raise KMeansError(f"fit_discriminant: needs 2 <= n_groups <= {x.shape[0]} prototypes, got {n_groups}")
-    z, _ = pca_whiten(x, pca_dim)
-    groups = kmeans(z, n_groups, seed, n_init).assignment
+    groups = over_cluster(x, n_groups, pca_dim=pca_dim, seed=seed, n_init=n_init)
     dirs = discriminant_directions(x, groups, reg)
     return PCAWhitening(x.mean(axis=0), dirs.T.copy(), np.ones(dirs.shape[1]))
 

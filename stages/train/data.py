@@ -234,6 +234,12 @@ class TwoViewDataset(Dataset):
             return Image.fromarray(image), Image.fromarray(label_map(mask, [p.mask for p in record.proposals]))
         return Image.fromarray(image), Image.fromarray(mask.view(np.uint8))
 
+    def whole(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``i`` unaugmented: image H x W x 3 uint8 and its mask H x W bool (the union of
+        its proposals with ``proposals``); BadInputError for an unreadable image."""
+        image, mask = self._load(i)
+        return np.asarray(image), np.asarray(mask) > 0
+
     def _replacement(self, epoch: int, index: int, candidate: int, current: int) -> int:
         n = len(self.samples)
         if n == 1:

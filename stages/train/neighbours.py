@@ -34,7 +34,7 @@ came from (the queue then remembers its rows' images).
 
 Groups of near-duplicates. On video data an image's nearest neighbours are frames of its own
 video, so "semantic" positives are the same object and dropped "false negatives" its own frames.
-Over-clustering the initial features (``over_cluster``: k-means with many more groups than
+Over-clustering the initial features (``near_duplicate_groups``: k-means with many more groups than
 classes, in the PCA-whitened space) finds those near-duplicate groups (on davis16-objects 24
 groups are 93 % video-pure and hold 90 % of the same-video pairs, where no cosine threshold
 separates them). With groups, ``fn_topk`` and ``nn_topk`` pick among the columns of *other*
@@ -214,20 +214,19 @@ def initial_features(backbone: torch.nn.Module, load, n: int, size: int, device:
     return torch.stack([r if r is not None else torch.zeros(width) for r in rows]) if rows else torch.zeros(0, 0)
 
 
-def over_cluster(features: torch.Tensor, n_groups: int, seed: int, pca_dim: int = 32) -> torch.Tensor:
-    """(N,) int64 group of each row of ``features`` (k-means with ``n_groups`` clusters in the
-    PCA-whitened space, as ``stages.evaluate.kmeans.fit_discriminant`` over-clusters); -1 for
-    zero rows. Raises TrainDataError when fewer usable rows than groups."""
-    from stages.evaluate.kmeans import kmeans, pca_whiten  # faiss: loaded only with groups
+def near_duplicate_groups(features: torch.Tensor, n_groups: int, seed: int, pca_dim: int = 32) -> torch.Tensor:
+    """(N,) int64 group of each row of ``features``: ``stages.evaluate.kmeans.over_cluster`` (the
+    groups its discriminant space is fitted on) of the usable rows; -1 for zero rows. Raises
+    TrainDataError when fewer usable rows than groups."""
+    from stages.evaluate.kmeans import over_cluster  # faiss: loaded only with groups
 
     x = features.double().numpy()
     valid = np.linalg.norm(x, axis=1) > 0
     if valid.sum() < n_groups:
         raise TrainDataError(f"train.contrast.groups: {n_groups} groups need at least as many training images "
-                         f"with a usable mask, got {int(valid.sum())}")
-    z, _ = pca_whiten(x[valid], pca_dim)
+                             f"with a usable mask, got {int(valid.sum())}")
     out = np.full(len(x), -1, dtype=np.int64)
-    out[valid] = kmeans(z, n_groups, seed, 3).assignment
+    out[valid] = over_cluster(x[valid], n_groups, pca_dim=pca_dim, seed=seed)
     return torch.from_numpy(out)
 
 

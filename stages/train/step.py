@@ -69,7 +69,7 @@ def column_rule(params: TrainParams, epoch: int | None = None) -> ColumnRule | N
 @dataclass
 class InitSpace:
     """``space: init``: one fixed row per training image (``neighbours.initial_features``) and,
-    with ``groups``, its near-duplicate group (``neighbours.over_cluster``), on the step's device."""
+    with ``groups``, its near-duplicate group (``neighbours.near_duplicate_groups``), on the step's device."""
 
     features: torch.Tensor  # N x C unit rows (zero: no usable mask)
     groups: torch.Tensor | None = None  # N int64 (-1: none)

@@ -71,7 +71,7 @@ from .data import (
 )
 from .params import AugmentParams, ContrastParams, TrainParams
 from .plot import plot_loss_curve
-from .neighbours import initial_features, over_cluster
+from .neighbours import initial_features, near_duplicate_groups
 from .step import Encoders, InitSpace, build_encoders, column_rule, model_config, train_step
 
 LR_POWER = 0.9
@@ -280,7 +280,13 @@ class Trainer:
             D.barrier()
             return {**self._summary(complete=True, n_images=len(self.samples), seconds=0.0), **common}
 
-        init_space = self._init_space(model, store, device, main) if p.contrast.space == "init" and \
+        n_slots = proposal_slots(store)
+        if n_slots is not None and column_rule(p) is not None:  # before any start-up work
+            raise TrainDataError(f"train.contrast needs one mask per image; {self.mask_dir} holds several proposals "
+                                 "per image (masks.proposals), which it is not implemented for")
+        dataset = TwoViewDataset(self.samples, store, p.seed, view_augment(p),
+                                 p.min_fg, p.max_fg, p.redraws, proposals=n_slots is not None)
+        init_space = self._init_space(model, dataset, device, main) if p.contrast.space == "init" and \
             column_rule(p) is not None else None  # from the initial weights, before any checkpoint loads
         torch.manual_seed(derive_seed(p.seed, _TORCH_STREAM, info.rank))  # this rank's dropout stream
         enc = build_encoders(model, p, device, amp_dtype)
@@ -296,9 +302,6 @@ class Trainer:
                                     info.rank, info.world_size)
         steps_per_epoch = sampler.steps_per_epoch
         total_steps = p.epochs * steps_per_epoch
-        n_slots = proposal_slots(store)
-        dataset = TwoViewDataset(self.samples, store, p.seed, view_augment(p),
-                                 p.min_fg, p.max_fg, p.redraws, proposals=n_slots is not None)
         loader = make_loader(dataset, sampler, p.num_workers, device.type == "cuda", p.seed)
         last = total_steps if self.max_steps is None else min(total_steps, self.max_steps)
         log = open(self.out_dir / LOG_FILE, "a", encoding="utf-8") if main else None
@@ -320,27 +323,22 @@ class Trainer:
         return {**self._summary(complete, len(self.samples), time.perf_counter() - started), **common,
                 **({"init_space": self.init_space_report} if init_space is not None else {})}
 
-    def _init_space(self, model: MaskContrastModel, store: MaskStore, device: torch.device, main: bool) -> InitSpace:
+    def _init_space(self, model: MaskContrastModel, dataset: TwoViewDataset, device: torch.device,
+                    main: bool) -> InitSpace:
         """``train.contrast.space: init``: the initial network's mask-pooled backbone features of
         every training image (shorter side ``crop_size``) and, with ``groups``, their over-clustering
         (seeded by ``seed``). Every rank computes the same rows (deterministic, no exchange)."""
         p = self.params
         started = time.perf_counter()
-        dataset = TwoViewDataset(self.samples, store, p.seed)
-
-        def load(i: int) -> tuple[np.ndarray, np.ndarray]:
-            image, mask = dataset._load(i)
-            return np.asarray(image), np.asarray(mask) > 0
-
         was_training = model.training
         model.to(device).eval()
         try:
-            features = initial_features(model.backbone, load, len(self.samples), p.crop_size, device,
+            features = initial_features(model.backbone, dataset.whole, len(self.samples), p.crop_size, device,
                                         progress=self.progress and main)
         finally:
             model.train(was_training)
-        groups = over_cluster(features, p.contrast.groups, p.seed) if p.contrast.groups else None
-        usable = int((features.norm(dim=1) > 0).sum()) if features.numel() else 0
+        groups = near_duplicate_groups(features, p.contrast.groups, p.seed) if p.contrast.groups else None
+        usable = int((features.norm(dim=1) > 0).sum())
         self.init_space_report = {"images": len(self.samples), "usable": usable, "dim": int(features.shape[1]),
                                   "groups": p.contrast.groups,
                                   "seconds": round(time.perf_counter() - started, 2)}

@@ -21,7 +21,7 @@ from stages.train.neighbours import (
     contrastive_loss_targets,
     contrastive_loss_targets_naive,
     initial_features,
-    over_cluster,
+    near_duplicate_groups,
     pooled_features,
     select_columns,
 )
@@ -388,19 +388,19 @@ def test_initial_features_pool_each_image_over_its_mask_and_skip_bad_images() ->
     assert torch.equal(rows[2], torch.zeros(3))  # the unreadable image: a zero row
 
 
-def test_over_cluster_finds_planted_groups_and_refuses_too_few_images() -> None:
+def test_near_duplicate_groups_find_planted_groups_and_refuses_too_few_images() -> None:
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 64, generator=g) * 5
     rows = F.normalize(centres.repeat_interleave(6, 0) + 0.1 * torch.randn(24, 64, generator=g), dim=1)
     rows[7] = 0.0
-    groups = over_cluster(rows, 4, seed=0, pca_dim=8)
+    groups = near_duplicate_groups(rows, 4, seed=0, pca_dim=8)
     assert groups[7] == -1
     for c in range(4):
         members = [i for i in range(c * 6, c * 6 + 6) if i != 7]
         assert len(set(groups[members].tolist())) == 1
     assert len(set(groups.tolist()) - {-1}) == 4
     with pytest.raises(TrainDataError, match="train.contrast.groups: 30 groups need at least as many training images"):
-        over_cluster(rows, 30, seed=0)
+        near_duplicate_groups(rows, 30, seed=0)
 
 
 def test_group_keys_are_checked() -> None:

@@ -17,7 +17,7 @@ from artifacts.masks import MaskRecord, MaskStore, Proposal, write_mask_shard
 from stages.common.prototypes import mask_prototypes, slot_prototypes
 from stages.data import Sample
 from stages.train import TrainParams, train
-from stages.train.data import NO_PROPOSAL, TwoViewDataset, ViewAugment, keep_proposals, label_map
+from stages.train.data import NO_PROPOSAL, TrainDataError, TwoViewDataset, ViewAugment, keep_proposals, label_map
 from stages.train.step import proposal_columns, proposal_counts
 from stages.train.trainer import proposal_slots
 from stages.train.loss import (
@@ -242,3 +242,13 @@ def test_two_proposals_per_image_train(two_object_data, tmp_path: Path):
     assert summary["complete"] and np.isfinite(summary["loss"])
     state = torch.load(tmp_path / "two" / "checkpoints" / "epoch-0002.pt", map_location="cpu", weights_only=True)
     assert int(state["queue"]["filled"]) == 8  # 2 steps x 4 images x 1-2 proposals, at most K
+
+
+def test_the_contrast_routes_refuse_proposals_before_any_start_up_work(two_object_data, tmp_path: Path):
+    """One error line naming the mask artifact, before the initial features are computed and
+    before any checkpoint is written."""
+    samples, root = two_object_data
+    params = dataclasses.replace(TINY, epochs=1, contrast={"space": "init", "groups": 2, "same_group": "drop"})
+    with pytest.raises(TrainDataError, match=r"train.contrast needs one mask per image; .*two holds several"):
+        train(params, samples, root / "two", tmp_path / "run", progress=False)
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
